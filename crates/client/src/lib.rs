@@ -1,0 +1,1 @@
+//! A client of burrow's public HTTP API, used by the CLI and the benchmark.
