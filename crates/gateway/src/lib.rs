@@ -1,2 +1,217 @@
 //! The gateway: routes `{port}-{sessionID}-{clientID}.{domain}` to a session's envd, proxying bytes
 //! (HTTP and websocket upgrades). It does not parse JSON-RPC.
+//!
+//! Port 49982 is envd itself; any other port goes through envd's `/tunnel/{port}` upgrade, which
+//! splices the connection to that TCP port inside the sandbox. Either way the client's request is
+//! then forwarded unchanged over HTTP/1.1, and a `101 Switching Protocols` answer turns the
+//! exchange into a byte pipe in both directions.
+
+use std::path::Path;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+/// The port envd serves on in the E2B hostname scheme.
+pub const ENVD_PORT: u16 = 49982;
+
+/// Where a request's `Host` sends it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// Not a session hostname: the REST API.
+    Api,
+    /// `{port}-{session}-{client}.{domain}`.
+    Session {
+        port: u16,
+        session_id: &'a str,
+        client_id: &'a str,
+    },
+    /// Under the session domain but not of the session form.
+    Invalid,
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Classifies a `Host` header value (with or without `:port`) for the session `domain`.
+pub fn route<'a>(host: &'a str, domain: &str) -> Route<'a> {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let Some(label) = name
+        .len()
+        .checked_sub(domain.len() + 1)
+        .filter(|&cut| {
+            name.is_char_boundary(cut)
+                && name[cut..].starts_with('.')
+                && name[cut + 1..].eq_ignore_ascii_case(domain)
+        })
+        .map(|cut| &name[..cut])
+    else {
+        return Route::Api;
+    };
+    let mut parts = label.split('-');
+    let (Some(port), Some(session_id), Some(client_id), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::Invalid;
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => return Route::Invalid,
+    };
+    if !is_id(session_id) || !is_id(client_id) {
+        return Route::Invalid;
+    }
+    Route::Session {
+        port,
+        session_id,
+        client_id,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("the session's sandbox is not answering: {0}")]
+    Connect(std::io::Error),
+    #[error("the session's sandbox broke the connection: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+fn text(status: StatusCode, message: String) -> Response {
+    let mut resp = Response::new(Body::from(message));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Forwards `req` to `port` of the sandbox whose envd listens on `socket`.
+pub async fn proxy(req: Request, socket: &Path, port: u16) -> Response {
+    match try_proxy(req, socket, port).await {
+        Ok(resp) => resp,
+        Err(e) => text(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+async fn try_proxy(req: Request, socket: &Path, port: u16) -> Result<Response, ProxyError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(ProxyError::Connect)?;
+    let io = TokioIo::new(stream);
+    if port == ENVD_PORT {
+        return forward(io, req).await;
+    }
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn.with_upgrades());
+    let tunnel = hyper::Request::get(format!("/tunnel/{port}"))
+        .header(header::HOST, "envd")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "tcp")
+        .body(Body::empty())
+        .expect("a static request is valid");
+    let mut answer = sender.send_request(tunnel).await?;
+    if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(answer.map(Body::new));
+    }
+    let upgraded = hyper::upgrade::on(&mut answer).await?;
+    forward(upgraded, req).await
+}
+
+fn wants_upgrade(req: &Request) -> bool {
+    req.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Sends the client's request over `io` and relays the answer; on `101` pipes the two upgraded
+/// connections into each other until either side closes.
+async fn forward<I>(io: I, mut req: Request) -> Result<Response, ProxyError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "proxied connection ended");
+        }
+    });
+    let client_side = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_side
+    {
+        let sandbox_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, sandbox_side) {
+                Ok((client, sandbox)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut sandbox = TokioIo::new(sandbox);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut sandbox).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    Ok(resp.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(port: u16, s: &'static str, c: &'static str) -> Route<'static> {
+        Route::Session {
+            port,
+            session_id: s,
+            client_id: c,
+        }
+    }
+
+    #[test]
+    fn routes_hosts() {
+        let d = "localhost";
+        for (host, want) in [
+            (
+                "49982-abc123-node0001.localhost",
+                session(49982, "abc123", "node0001"),
+            ),
+            (
+                "49982-abc123-node0001.localhost:3000",
+                session(49982, "abc123", "node0001"),
+            ),
+            ("8080-abc-def.LOCALHOST.", session(8080, "abc", "def")),
+            ("localhost:3000", Route::Api),
+            ("127.0.0.1:3000", Route::Api),
+            ("[::1]:3000", Route::Api),
+            ("", Route::Api),
+            ("example.com", Route::Api),
+            ("xlocalhost", Route::Api),
+            ("a-b-c.notlocalhost", Route::Api),
+            ("foo.localhost", Route::Invalid),
+            ("0-abc-def.localhost", Route::Invalid),
+            ("65536-abc-def.localhost", Route::Invalid),
+            ("+80-abc-def.localhost", Route::Invalid),
+            ("80-ABC-def.localhost", Route::Invalid),
+            ("80-abc-def-x.localhost", Route::Invalid),
+            ("80-abc-.localhost", Route::Invalid),
+            ("80-a.b-c.localhost", Route::Invalid),
+            ("ü80-abc-def.localhost", Route::Invalid),
+        ] {
+            assert_eq!(route(host, d), want, "{host:?}");
+        }
+    }
+}
