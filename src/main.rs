@@ -1,11 +1,18 @@
 //! `burrow`: the server, the CLI, and (as `burrow sandbox-init`) the agent inside each sandbox.
 
+mod bench;
+mod cli;
 mod sandbox_cmd;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "burrow", version, about = "Self-hosted, E2B-compatible sandboxes")]
+#[command(
+    name = "burrow",
+    version,
+    about = "Self-hosted, E2B-compatible sandboxes on Linux namespaces"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,6 +20,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: the REST API and the sandboxes' hostnames on one listener.
+    Serve(serve::ServeArgs),
+    /// Create, list and revoke API keys (works while the server runs).
+    #[command(subcommand)]
+    Keys(cli::KeysCommand),
+    /// List environments and whether this host can run them.
+    #[command(subcommand)]
+    Env(cli::EnvCommand),
+    /// Create, list and delete sessions through a running server's API.
+    #[command(subcommand)]
+    Session(cli::SessionCommand),
+    /// Measure sandbox and session latencies and memory against a raw `unshare` baseline.
+    Bench(bench::BenchArgs),
     /// Run a command in a fresh sandbox of an environment and print its output (debugging aid).
     SandboxRun(sandbox_cmd::RunArgs),
     /// The first process inside a sandbox; started by the server, never by hand.
@@ -23,7 +43,13 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        // Must stay first and runtime-free: it runs single-threaded inside a new sandbox.
         Command::SandboxInit => sandbox_cmd::init(),
         Command::SandboxRun(args) => sandbox_cmd::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Keys(cmd) => cli::keys(cmd),
+        Command::Env(cmd) => cli::env(cmd),
+        Command::Session(cmd) => cli::session(cmd),
+        Command::Bench(args) => bench::run(args),
     }
 }

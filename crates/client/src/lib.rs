@@ -1,12 +1,21 @@
 //! A client of burrow's public HTTP API, used by the CLI and the benchmark. It speaks only what
 //! every other client speaks: the REST API with an `api_key`, and HTTP to session hostnames.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+pub use hyper::{Method, StatusCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +65,11 @@ impl Client {
             addr: addr.to_string(),
             api_key,
         })
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     fn path_with_key(&self, path: &str) -> String {
@@ -160,6 +174,114 @@ impl Client {
         )
         .await
         .map(drop)
+    }
+}
+
+/// A JSON-RPC connection to a session's envd, through the server's gateway, as the SDK makes it.
+pub struct Envd {
+    ws: WebSocketStream<TcpStream>,
+    next_id: u64,
+    /// Notifications that arrived while waiting for a response.
+    pending: VecDeque<Value>,
+}
+
+impl Client {
+    /// Opens envd's websocket of `session`, reached as `49982-{sessionID}-{clientID}.{domain}`.
+    pub async fn envd(&self, session: &Session, domain: &str) -> Result<Envd, Error> {
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let host = format!(
+            "49982-{}-{}.{domain}",
+            session.session_id, session.client_id
+        );
+        let mut req = format!("ws://{}/ws", self.addr)
+            .into_client_request()
+            .map_err(|e| Error::Decode(e.to_string()))?;
+        req.headers_mut().insert(
+            hyper::header::HOST,
+            host.parse().map_err(|_| Error::Url(host.clone()))?,
+        );
+        let (ws, _) = tokio_tungstenite::client_async(req, stream)
+            .await
+            .map_err(|e| Error::Decode(format!("websocket: {e}")))?;
+        Ok(Envd {
+            ws,
+            next_id: 1,
+            pending: VecDeque::new(),
+        })
+    }
+}
+
+impl Envd {
+    async fn next_message(&mut self) -> Result<Value, Error> {
+        loop {
+            let msg = self
+                .ws
+                .next()
+                .await
+                .ok_or_else(|| Error::Decode("envd closed the websocket".into()))?
+                .map_err(|e| Error::Decode(format!("websocket: {e}")))?;
+            if let Message::Text(text) = msg {
+                return serde_json::from_str(&text).map_err(|e| Error::Decode(e.to_string()));
+            }
+        }
+    }
+
+    /// One JSON-RPC call; notifications arriving meanwhile are kept for [`Envd::notification`].
+    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .map_err(|e| Error::Decode(format!("websocket: {e}")))?;
+        loop {
+            let msg = self.next_message().await?;
+            if msg.get("id") == Some(&json!(id)) {
+                if let Some(err) = msg.get("error") {
+                    return Err(Error::Decode(format!("{method}: {err}")));
+                }
+                return Ok(msg.get("result").cloned().unwrap_or(Value::Null));
+            }
+            self.pending.push_back(msg);
+        }
+    }
+
+    /// The next notification of subscription `sub`, dropping those of other subscriptions.
+    pub async fn notification(&mut self, sub: &str) -> Result<Value, Error> {
+        loop {
+            let msg = match self.pending.pop_front() {
+                Some(m) => m,
+                None => self.next_message().await?,
+            };
+            let params = &msg["params"];
+            if params["subscription"] == json!(sub) {
+                return Ok(params["result"].clone());
+            }
+        }
+    }
+
+    /// Runs `cmd` as the SDK does (subscribe to its exit, start it) and returns its exit code.
+    pub async fn exec(&mut self, process_id: &str, cmd: &str) -> Result<i64, Error> {
+        let sub = self
+            .call("process_subscribe", json!(["onExit", process_id]))
+            .await?;
+        let sub = sub
+            .as_str()
+            .ok_or_else(|| Error::Decode(format!("subscription id {sub}")))?
+            .to_string();
+        self.call("process_start", json!([process_id, cmd, {}, ""]))
+            .await?;
+        let code = self.notification(&sub).await?;
+        self.call("process_unsubscribe", json!([sub])).await?;
+        code.as_i64()
+            .ok_or_else(|| Error::Decode(format!("exit code {code}")))
     }
 }
 

@@ -1,7 +1,37 @@
 //! envd, the agent inside each sandbox: the envd JSON-RPC websocket, `/file`, and a tunnel to TCP
 //! ports inside the sandbox, served over one unix socket. Runs inside the sandbox; never sees the host.
+//!
+//! It is PID 1 of its sandbox, so it also reaps every orphan there. It must not depend on other
+//! burrow crates. Wire behaviour: `e2b-v0-wire.md` §4–§6 as amended by `DECISIONS.md`.
+//!
+//! Map of the crate:
+//! - `connection`: one websocket and its JSON-RPC dispatch (`rpc` frames it, `outbox` bounds what
+//!   is queued for it); `hub` holds the subscriptions of the whole sandbox;
+//! - services: `filesystem` (+ `watch`), `process`, `terminal`, `ports` (`codeSnippet`), sharing
+//!   `child` (how children start and are read) and `reaper`;
+//! - plain HTTP: `file` (`/file`), `tunnel` (`/tunnel/{port}`), `/ping`.
+
+mod child;
+mod connection;
+mod file;
+mod filesystem;
+mod hub;
+mod outbox;
+mod ports;
+mod process;
+mod reaper;
+mod rpc;
+mod terminal;
+mod tunnel;
+mod watch;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
 
 /// Who envd runs processes and terminals as, and the environment they start from.
 #[derive(Debug, Clone)]
@@ -19,4 +49,93 @@ pub struct Config {
     /// Base environment every process and terminal starts from (PATH, LANG, ...), before
     /// `HOME`/`USER`/`LOGNAME` and the request's own variables.
     pub env: Vec<(String, String)>,
+}
+
+/// Serve envd on an already-bound listener until the process ends. Builds a current-thread tokio
+/// runtime (envd must be small: it runs once per sandbox), installs the SIGCHLD reaper, serves.
+pub fn run(listener: std::os::unix::net::UnixListener, config: Config) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // File operations run on blocking threads; a few suffice for one sandbox.
+        .max_blocking_threads(8)
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        serve(listener, config).await
+    })
+}
+
+/// The same on a caller's runtime (used by tests and benchmarks).
+pub async fn serve(listener: tokio::net::UnixListener, config: Config) -> std::io::Result<()> {
+    let sigchld = reaper::listen()?;
+    tokio::spawn(reaper::run(sigchld));
+    let state = Arc::new(State::new(config));
+    axum::serve(listener, router(state)).await
+}
+
+/// Everything the handlers share; one per sandbox.
+pub(crate) struct State {
+    pub(crate) config: Config,
+    pub(crate) hub: hub::Hub,
+    pub(crate) processes: process::Processes,
+    pub(crate) terminals: terminal::Terminals,
+    pub(crate) watcher: watch::Watcher,
+    next_connection: AtomicU64,
+}
+
+impl State {
+    fn new(config: Config) -> Self {
+        Self {
+            config,
+            hub: hub::Hub::default(),
+            processes: process::Processes::default(),
+            terminals: terminal::Terminals::default(),
+            watcher: watch::Watcher::default(),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn new_connection_id(&self) -> hub::ConnectionId {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Frees what ended subscriptions held (directory watches).
+    pub(crate) fn release(&self, topics: impl IntoIterator<Item = hub::Topic>) {
+        for topic in topics {
+            if let hub::Topic::Watch(dir) = topic {
+                self.watcher.release(&dir);
+            }
+        }
+    }
+}
+
+fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/ping", get(|| async { "pong" }))
+        .route("/ws", get(connection::upgrade))
+        .route(
+            "/file",
+            get(file::download)
+                .post(file::upload)
+                .options(file::preflight),
+        )
+        .route("/tunnel/{port}", get(tunnel::open))
+        // Uploads are streamed to disk; the sandbox's disk limit bounds them, not envd.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Locks a mutex even if a panicking handler poisoned it: the maps it guards stay consistent
+/// because every critical section is a handful of map operations.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A random ID of `len` characters from `[a-z0-9]`.
+pub(crate) fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..len)
+        .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
+        .collect()
 }

@@ -1,9 +1,27 @@
 //! Sandboxes: isolated Linux process trees on namespaces, an overlay root, cgroups and seccomp.
 //! Owns creating, destroying and finding sandboxes; knows nothing of sessions, keys or HTTP.
+//!
+//! The host side is [`Namespaces`], the [`Backend`] the server uses. The sandbox side is
+//! [`init`]: what `burrow sandbox-init` runs as the first process of a new sandbox, before it
+//! becomes envd.
+
+mod cgroup;
+mod error;
+pub mod init;
+mod namespaces;
+mod ping;
+mod seccomp;
+mod spawn;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use burrow_environments::Environment;
+pub use error::Error;
+pub use namespaces::{Command, Namespaces};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -14,7 +32,8 @@ pub struct Limits {
     pub pids: u64,
     /// Relative CPU weight, 1..=10000, 100 is the default share.
     pub cpu_weight: u64,
-    /// Size of the writable layer (everything the sandbox writes to its filesystem).
+    /// Size of the writable layer (everything the sandbox writes to its filesystem). Its pages
+    /// are memory, so they count against `memory_bytes` too.
     pub disk_bytes: u64,
 }
 
@@ -29,6 +48,24 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Rejects limits a sandbox cannot start with (envd alone needs some memory and processes).
+    pub fn validate(&self) -> Result<(), Error> {
+        let problem = if self.memory_bytes < 16 << 20 {
+            "memory must be at least 16 MiB"
+        } else if self.pids < 8 {
+            "pids must be at least 8"
+        } else if !(1..=10_000).contains(&self.cpu_weight) {
+            "cpu weight must be between 1 and 10000"
+        } else if self.disk_bytes < 1 << 20 {
+            "disk must be at least 1 MiB"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Limits(format!("{problem} (got {self:?})")))
+    }
+}
+
 /// A running sandbox as the rest of burrow sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sandbox {
@@ -36,4 +73,110 @@ pub struct Sandbox {
     pub id: String,
     /// envd's unix socket on the host (see ARCHITECTURE.md for what it serves).
     pub socket: PathBuf,
+}
+
+/// What to start a sandbox from.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub environment: Arc<Environment>,
+    pub limits: Limits,
+}
+
+/// A way of running sandboxes. [`Namespaces`] is the one there is.
+pub trait Backend: Send + Sync + 'static {
+    /// Starts a sandbox; returns once its envd answers `GET /ping` on [`Sandbox::socket`].
+    fn create<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Sandbox, Error>>;
+
+    /// Kills every process of the sandbox, waits until they are gone, and removes its cgroups and
+    /// run directory. Destroying a sandbox that is already gone succeeds.
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Ids of the sandboxes present on this node (cgroups or run directories), including those a
+    /// previous run of the server left behind.
+    fn list(&self) -> Result<Vec<String>, Error>;
+
+    /// Whether the sandbox's envd answers `GET /ping`.
+    fn probe<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool>;
+
+    /// Resolves once the sandbox has died on its own (or is gone); works for sandboxes a
+    /// previous run of the server started.
+    fn wait_exit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+
+    /// envd's unix socket of the sandbox on the host.
+    fn socket_path(&self, id: &str) -> PathBuf;
+}
+
+/// How [`Namespaces`] runs sandboxes on this node.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Holds `run/<id>/` (envd's socket, the init log), `stage/` (a mount point every sandbox
+    /// uses in its own mount namespace) and `environments/`. At most 80 bytes once absolute.
+    pub data_dir: PathBuf,
+    /// Names this node's cgroups (`burrow/<node-id>/`); 1 to 32 `[a-z0-9]`.
+    pub node_id: String,
+    /// Host uid (and gid) of a sandbox's root; the sandbox's ids 0..65536 map from here.
+    pub uid_base: u32,
+    /// The burrow binary, re-executed as `burrow sandbox-init` inside every sandbox.
+    pub init_program: PathBuf,
+    /// How long envd has to answer its first `/ping`.
+    pub start_timeout: Duration,
+}
+
+impl RuntimeConfig {
+    /// The default [`RuntimeConfig::uid_base`]: above the ids of ordinary host accounts.
+    pub const DEFAULT_UID_BASE: u32 = 100_000;
+
+    pub fn new(data_dir: impl Into<PathBuf>, node_id: impl Into<String>) -> RuntimeConfig {
+        RuntimeConfig {
+            data_dir: data_dir.into(),
+            node_id: node_id.into(),
+            uid_base: Self::DEFAULT_UID_BASE,
+            init_program: "/proc/self/exe".into(),
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Sandbox ids are 12 `[a-z0-9]` characters: safe as path components and host names.
+pub fn valid_sandbox_id(id: &str) -> bool {
+    id.len() == 12 && lower_alphanumeric(id)
+}
+
+fn lower_alphanumeric(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids() {
+        assert!(valid_sandbox_id("abc123def456"));
+        assert!(!valid_sandbox_id("abc123def45"));
+        assert!(!valid_sandbox_id("ABC123DEF456"));
+        assert!(!valid_sandbox_id("../../etc/xx"));
+    }
+
+    #[test]
+    fn limits() {
+        assert!(Limits::default().validate().is_ok());
+        let small = Limits {
+            memory_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        assert!(
+            small
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 16 MiB")
+        );
+        let weight = Limits {
+            cpu_weight: 0,
+            ..Limits::default()
+        };
+        assert!(weight.validate().is_err());
+    }
 }

@@ -1,2 +1,447 @@
 //! Session lifecycle: create (from the warm pool or fresh), refresh, delete, expiry on a timer
 //! queue, edit sessions and restart recovery. The one owner of session state.
+//!
+//! Every live session is in `live` (memory, the source of truth for routing) and in the store
+//! (so a restart can adopt its sandbox). A session leaves `live` before its sandbox is destroyed,
+//! so nothing routes to a sandbox that is going away.
+
+mod metrics;
+mod pool;
+mod timers;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use burrow_environments::{Catalog, Environment};
+use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
+use burrow_store::{Principal, SessionRow, Store};
+
+pub use metrics::Metrics;
+use pool::Pool;
+use timers::Timers;
+
+/// How sessions behave on this node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A session lives this long after its create or last refresh.
+    pub ttl: Duration,
+    /// Ready sandboxes kept per available environment.
+    pub pool_size: usize,
+    pub limits: Limits,
+    /// This node's ID, the `clientID` of its sessions.
+    pub client_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown environment {name:?}; available environments: {available}")]
+    UnknownEnvironment { name: String, available: String },
+    #[error("environment {name:?} is not available on this server: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error("session '{0}' was not found")]
+    NotFound(String),
+    #[error("this API key does not own session '{0}'")]
+    NotOwner(String),
+    #[error("cannot create a session right now: {0}")]
+    Sandbox(String),
+    #[error("{0}")]
+    Store(#[from] burrow_store::Error),
+}
+
+/// A session as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub client_id: String,
+    pub environment: String,
+    pub edit_enabled: bool,
+}
+
+struct Live {
+    team_id: i64,
+    environment: String,
+    edit_enabled: bool,
+    sandbox: Sandbox,
+    deadline: Instant,
+}
+
+struct Inner {
+    config: Config,
+    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
+    catalog: Arc<Catalog>,
+    live: Mutex<HashMap<String, Live>>,
+    /// Serialises edit-session creation so one (team, environment) never gets two.
+    edit_create: tokio::sync::Mutex<()>,
+    timers: Timers,
+    pool: Pool,
+    metrics: Metrics,
+}
+
+/// The sessions of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The wall-clock time (unix ms) of a monotonic deadline, for the store.
+fn deadline_ms(deadline: Instant) -> i64 {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let at = if deadline >= now {
+        wall + (deadline - now)
+    } else {
+        wall - (now - deadline)
+    };
+    unix_ms(at)
+}
+
+/// A session ID: 20 characters of `[a-z0-9]`, about 103 random bits, since knowing it is enough
+/// to refresh the session (the SDK refreshes without a key).
+fn new_session_id() -> String {
+    burrow_store::random_alnum(20)
+}
+
+impl Sessions {
+    /// Adopts what a previous run left (live sessions whose sandbox still answers), destroys the
+    /// rest, and starts the expiry timer and the pool.
+    pub async fn start(
+        config: Config,
+        store: Arc<Store>,
+        backend: Arc<dyn Backend>,
+        catalog: Arc<Catalog>,
+    ) -> Result<Sessions, Error> {
+        let sessions = Sessions {
+            inner: Arc::new(Inner {
+                pool: Pool::new(config.pool_size),
+                config,
+                store,
+                backend,
+                catalog,
+                live: Mutex::new(HashMap::new()),
+                edit_create: tokio::sync::Mutex::new(()),
+                timers: Timers::default(),
+                metrics: Metrics::default(),
+            }),
+        };
+        sessions.recover().await?;
+        tokio::spawn(sessions.clone().expire_loop());
+        pool::spawn_filler(sessions.clone());
+        Ok(sessions)
+    }
+
+    fn live(&self) -> MutexGuard<'_, HashMap<String, Live>> {
+        self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn recover(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let rows = inner.store.sessions()?;
+        let present: Vec<String> = inner.backend.list().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list sandboxes left by a previous run");
+            Vec::new()
+        });
+        let now_ms = unix_ms(SystemTime::now());
+        let mut adopted = Vec::new();
+        for row in rows {
+            let alive =
+                present.contains(&row.sandbox_id) && inner.backend.probe(&row.sandbox_id).await;
+            if !alive {
+                tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "session lost its sandbox while the server was down; removing it");
+                inner.store.delete_session(&row.id)?;
+                continue;
+            }
+            // Clients could not refresh while the server was down: give them one TTL to come back.
+            let remaining_ms = (row.expires_at - now_ms).max(inner.config.ttl.as_millis() as i64);
+            let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
+            let sandbox = Sandbox {
+                socket: inner.backend.socket_path(&row.sandbox_id),
+                id: row.sandbox_id.clone(),
+            };
+            tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "adopted session");
+            self.insert_live(
+                row.id.clone(),
+                Live {
+                    team_id: row.team_id,
+                    environment: row.environment,
+                    edit_enabled: row.edit_enabled,
+                    sandbox,
+                    deadline,
+                },
+            );
+            adopted.push(row.sandbox_id);
+        }
+        for id in present.iter().filter(|id| !adopted.contains(id)) {
+            tracing::info!(sandbox = %id, "destroying a sandbox no session owns");
+            if let Err(e) = inner.backend.destroy(id).await {
+                tracing::warn!(sandbox = %id, error = %e, "cannot destroy leftover sandbox");
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_live(&self, id: String, live: Live) {
+        self.inner.timers.push(live.deadline, id.clone());
+        let sandbox_id = live.sandbox.id.clone();
+        self.live().insert(id.clone(), live);
+        tokio::spawn(self.clone().watch_sandbox(id, sandbox_id));
+    }
+
+    /// Removes a session whose sandbox died on its own, so the API stops reporting it.
+    async fn watch_sandbox(self, session_id: String, sandbox_id: String) {
+        self.inner.backend.wait_exit(&sandbox_id).await;
+        let removed = {
+            let mut live = self.live();
+            match live.get(&session_id) {
+                Some(l) if l.sandbox.id == sandbox_id => live.remove(&session_id),
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            tracing::warn!(session = %session_id, sandbox = %sandbox_id, "sandbox died; session is gone");
+            self.inner.metrics.sandbox_deaths.inc();
+            self.forget(&session_id, &sandbox_id).await;
+        }
+    }
+
+    /// Deletes a session's row and its sandbox, after it has left `live`.
+    async fn forget(&self, session_id: &str, sandbox_id: &str) {
+        if let Err(e) = self.inner.store.delete_session(session_id) {
+            tracing::error!(session = %session_id, error = %e, "cannot delete session from the store");
+        }
+        if let Err(e) = self.inner.backend.destroy(sandbox_id).await {
+            tracing::error!(session = %session_id, sandbox = %sandbox_id, error = %e, "cannot destroy sandbox");
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.inner.config.client_id
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn info(&self, id: &str, live: &Live) -> SessionInfo {
+        SessionInfo {
+            session_id: id.to_string(),
+            client_id: self.inner.config.client_id.clone(),
+            environment: live.environment.clone(),
+            edit_enabled: live.edit_enabled,
+        }
+    }
+
+    fn environment(&self, name: &str) -> Result<Arc<Environment>, Error> {
+        let catalog = &self.inner.catalog;
+        let Some(env) = catalog.get(name) else {
+            let available: Vec<&str> = catalog
+                .list()
+                .iter()
+                .filter(|e| e.availability.is_ok())
+                .map(|e| e.name.as_str())
+                .collect();
+            return Err(Error::UnknownEnvironment {
+                name: name.to_string(),
+                available: available.join(", "),
+            });
+        };
+        if let Err(reason) = &env.availability {
+            return Err(Error::Unavailable {
+                name: name.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(env.clone())
+    }
+
+    /// Creates a session, or for `edit_enabled` returns the team's existing edit session of that
+    /// environment. Returns once the sandbox's envd answers.
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        environment: &str,
+        edit_enabled: bool,
+    ) -> Result<SessionInfo, Error> {
+        let started = Instant::now();
+        let result = self
+            .create_inner(principal, environment, edit_enabled)
+            .await;
+        match &result {
+            Ok(_) => self.inner.metrics.record_create(started.elapsed()),
+            Err(_) => self.inner.metrics.create_failures.inc(),
+        }
+        result
+    }
+
+    async fn create_inner(
+        &self,
+        principal: &Principal,
+        environment: &str,
+        edit_enabled: bool,
+    ) -> Result<SessionInfo, Error> {
+        let env = self.environment(environment)?;
+        let _edit_guard = if edit_enabled {
+            let guard = self.inner.edit_create.lock().await;
+            let live = self.live();
+            let existing = live.iter().find(|(_, l)| {
+                l.edit_enabled && l.team_id == principal.team_id && l.environment == env.name
+            });
+            if let Some((id, l)) = existing {
+                return Ok(self.info(id, l));
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        let sandbox = match self.inner.pool.take(&env.name, &*self.inner.backend).await {
+            Some(sandbox) => sandbox,
+            None => {
+                let spec = SandboxSpec {
+                    environment: env.clone(),
+                    limits: self.inner.config.limits,
+                };
+                self.inner
+                    .backend
+                    .create(&spec)
+                    .await
+                    .map_err(|e| Error::Sandbox(e.to_string()))?
+            }
+        };
+        self.inner.pool.wake();
+        let id = new_session_id();
+        let deadline = Instant::now() + self.inner.config.ttl;
+        let row = SessionRow {
+            id: id.clone(),
+            team_id: principal.team_id,
+            environment: env.name.clone(),
+            edit_enabled,
+            sandbox_id: sandbox.id.clone(),
+            created_at: unix_ms(SystemTime::now()),
+            expires_at: deadline_ms(deadline),
+        };
+        if let Err(e) = self.inner.store.insert_session(&row) {
+            let _ = self.inner.backend.destroy(&sandbox.id).await;
+            return Err(e.into());
+        }
+        let live = Live {
+            team_id: principal.team_id,
+            environment: env.name.clone(),
+            edit_enabled,
+            sandbox,
+            deadline,
+        };
+        let info = self.info(&id, &live);
+        self.insert_live(id.clone(), live);
+        self.inner.metrics.creates.inc();
+        tracing::info!(session = %id, environment = %info.environment, team = %principal.team, "session created");
+        Ok(info)
+    }
+
+    /// Re-arms the session's TTL. Without a key the session ID is the capability (the SDK
+    /// refreshes keyless); with one, it must be the owner's (or an admin's).
+    pub fn refresh(&self, id: &str, principal: Option<&Principal>) -> Result<(), Error> {
+        let deadline = Instant::now() + self.inner.config.ttl;
+        {
+            let mut live = self.live();
+            let Some(session) = live.get_mut(id) else {
+                return Err(Error::NotFound(id.to_string()));
+            };
+            if let Some(p) = principal
+                && !p.admin
+                && p.team_id != session.team_id
+            {
+                return Err(Error::NotOwner(id.to_string()));
+            }
+            session.deadline = deadline;
+        }
+        self.inner.timers.push(deadline, id.to_string());
+        self.inner
+            .store
+            .set_session_expiry(id, deadline_ms(deadline))?;
+        self.inner.metrics.refreshes.inc();
+        Ok(())
+    }
+
+    /// The caller's team's sessions; an admin sees every session.
+    pub fn list(&self, principal: &Principal) -> Vec<SessionInfo> {
+        let live = self.live();
+        let mut out: Vec<SessionInfo> = live
+            .iter()
+            .filter(|(_, l)| principal.admin || l.team_id == principal.team_id)
+            .map(|(id, l)| self.info(id, l))
+            .collect();
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
+    /// Deletes a session and returns once its sandbox is gone. Another team's session is
+    /// reported as not found, so IDs of other teams cannot be probed.
+    pub async fn delete(&self, id: &str, principal: &Principal) -> Result<(), Error> {
+        let removed = {
+            let mut live = self.live();
+            match live.get(id) {
+                Some(l) if principal.admin || l.team_id == principal.team_id => live.remove(id),
+                _ => None,
+            }
+        };
+        let Some(session) = removed else {
+            return Err(Error::NotFound(id.to_string()));
+        };
+        self.forget(id, &session.sandbox.id).await;
+        self.inner.metrics.deletes.inc();
+        tracing::info!(session = %id, "session deleted");
+        Ok(())
+    }
+
+    /// envd's socket of a live session, for the gateway.
+    pub fn socket(&self, id: &str) -> Option<PathBuf> {
+        self.live().get(id).map(|l| l.sandbox.socket.clone())
+    }
+
+    /// Live sessions per environment, for the metrics.
+    pub fn live_by_environment(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for l in self.live().values() {
+            *counts.entry(l.environment.clone()).or_default() += 1;
+        }
+        let mut out: Vec<_> = counts.into_iter().collect();
+        out.sort();
+        out
+    }
+
+    async fn expire_loop(self) {
+        loop {
+            let due = self.inner.timers.next_due().await;
+            let expired = {
+                let mut live = self.live();
+                match live.get(&due) {
+                    Some(l) if l.deadline <= Instant::now() => live.remove(&due),
+                    _ => None,
+                }
+            };
+            if let Some(session) = expired {
+                tracing::info!(session = %due, "session expired");
+                self.inner.metrics.expiries.inc();
+                let this = self.clone();
+                tokio::spawn(async move { this.forget(&due, &session.sandbox.id).await });
+            }
+        }
+    }
+
+    /// Stops handing out sandboxes and destroys the warm pool. Live sessions keep running: the
+    /// next start adopts them.
+    pub async fn shutdown(&self) {
+        self.inner.pool.drain(&*self.inner.backend).await;
+    }
+}

@@ -1,0 +1,65 @@
+//! The one error shape of the REST API: `{"code": <http status>, "message": "..."}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use burrow_sessions::Error as SessionError;
+use serde::Serialize;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+/// Every non-2xx answer of the API.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody {
+    /// The HTTP status, repeated.
+    code: u16,
+    /// What went wrong and what to do about it.
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), message = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> ApiError {
+        let status = match &e {
+            SessionError::UnknownEnvironment { .. } | SessionError::Unavailable { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            SessionError::NotFound(_) => StatusCode::NOT_FOUND,
+            SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
+            SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<burrow_store::Error> for ApiError {
+    fn from(e: burrow_store::Error) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}

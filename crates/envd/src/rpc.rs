@@ -1,0 +1,420 @@
+//! JSON-RPC 2.0 framing as go-ethereum's `rpc` package (which the original envd used) speaks it:
+//! requests, responses, subscription notifications, error codes and messages, and the decoding of
+//! positional arguments into Go-like types. The SDKs depend on these exact shapes (wire spec §4).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Invalid JSON.
+pub(crate) const PARSE_ERROR: i64 = -32700;
+/// Valid JSON that is not a request.
+pub(crate) const INVALID_REQUEST: i64 = -32600;
+/// Unknown method, or unknown subscription name.
+pub(crate) const METHOD_NOT_FOUND: i64 = -32601;
+/// Wrong number or types of arguments.
+pub(crate) const INVALID_PARAMS: i64 = -32602;
+/// The handler panicked.
+pub(crate) const INTERNAL_ERROR: i64 = -32603;
+/// The handler returned an error (go-ethereum's default code for handler errors).
+pub(crate) const HANDLER_ERROR: i64 = -32000;
+
+/// The `error` object of a response; both keys are required by the SDK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message} (code {code})")]
+pub(crate) struct RpcError {
+    pub code: i64,
+    pub message: String,
+}
+
+impl RpcError {
+    /// A handler's own failure; the message reaches the SDK user as the exception text.
+    pub(crate) fn handler(message: impl Into<String>) -> Self {
+        Self {
+            code: HANDLER_ERROR,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid_params(message: impl Into<String>) -> Self {
+        Self {
+            code: INVALID_PARAMS,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
+        Self {
+            code: INVALID_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn method_not_found(method: &str) -> Self {
+        Self {
+            code: METHOD_NOT_FOUND,
+            message: format!("the method {method} does not exist/is not available"),
+        }
+    }
+
+    pub(crate) fn subscription_not_found(service: &str, name: &str) -> Self {
+        Self {
+            code: METHOD_NOT_FOUND,
+            message: format!("no \"{name}\" subscription in {service} namespace"),
+        }
+    }
+
+    pub(crate) fn crashed() -> Self {
+        Self {
+            code: INTERNAL_ERROR,
+            message: "method handler crashed".to_owned(),
+        }
+    }
+}
+
+/// The outcome of a call: the `result` value (`null` for void methods) or an error.
+pub(crate) type CallResult = Result<Value, RpcError>;
+
+/// One incoming websocket message, classified the way go-ethereum does it.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A call. `id` is `None` for a notification (no `id` key), which gets no response.
+    Request {
+        id: Option<Value>,
+        method: String,
+        params: Option<Value>,
+    },
+    /// Something that must be answered with an error right away (`id` is `null` when unknown).
+    Invalid { id: Value, error: RpcError },
+}
+
+/// Classifies one websocket message.
+pub(crate) fn parse(message: &[u8]) -> Incoming {
+    let value: Value = match serde_json::from_slice(message) {
+        Ok(value) => value,
+        Err(error) => {
+            return Incoming::Invalid {
+                id: Value::Null,
+                error: RpcError {
+                    code: PARSE_ERROR,
+                    message: format!("parse error: {error}"),
+                },
+            };
+        }
+    };
+    match value {
+        Value::Object(object) => parse_object(object),
+        // Batches are legal JSON-RPC but no SDK sends them; answering them would need batched
+        // subscription responses, so they are refused as a whole.
+        Value::Array(items) if items.is_empty() => Incoming::Invalid {
+            id: Value::Null,
+            error: RpcError::invalid_request("empty batch"),
+        },
+        Value::Array(_) => Incoming::Invalid {
+            id: Value::Null,
+            error: RpcError::invalid_request("batch requests are not supported"),
+        },
+        _ => Incoming::Invalid {
+            id: Value::Null,
+            error: RpcError::invalid_request("invalid request"),
+        },
+    }
+}
+
+fn parse_object(mut object: Map<String, Value>) -> Incoming {
+    // go-ethereum accepts any id that is not an object or an array, `null` included.
+    let id = object.remove("id");
+    if matches!(id, Some(Value::Object(_) | Value::Array(_))) {
+        return Incoming::Invalid {
+            id: Value::Null,
+            error: RpcError::invalid_request("invalid request"),
+        };
+    }
+    match object.remove("method") {
+        Some(Value::String(method)) if !method.is_empty() => Incoming::Request {
+            id,
+            method,
+            params: object.remove("params"),
+        },
+        _ => Incoming::Invalid {
+            id: id.unwrap_or(Value::Null),
+            error: RpcError::invalid_request("invalid request"),
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct Success<'a> {
+    jsonrpc: &'static str,
+    id: &'a Value,
+    result: &'a Value,
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    jsonrpc: &'static str,
+    id: &'a Value,
+    error: &'a RpcError,
+}
+
+/// The response frame for a call. `result` is always present on success, `null` included.
+pub(crate) fn response(id: &Value, outcome: &CallResult) -> String {
+    let encoded = match outcome {
+        Ok(result) => serde_json::to_string(&Success {
+            jsonrpc: "2.0",
+            id,
+            result,
+        }),
+        Err(error) => serde_json::to_string(&Failure {
+            jsonrpc: "2.0",
+            id,
+            error,
+        }),
+    };
+    // Serializing a `Value` (string keys only) cannot fail.
+    encoded.unwrap_or_default()
+}
+
+/// A subscription notification; `result` is already-encoded JSON so that one event sent to many
+/// subscribers is encoded once.
+pub(crate) fn notification(service: &str, subscription: &str, result: &str) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","method":"{service}_subscription","params":{{"subscription":"{subscription}","result":{result}}}}}"#
+    )
+}
+
+/// A fresh subscription ID in go-ethereum's format: `0x` and the lowercase hex of 16 random bytes
+/// without leading zeros.
+pub(crate) fn subscription_id() -> String {
+    let value: u128 = rand::random();
+    format!("{value:#x}")
+}
+
+/// Positional arguments of a call, decoded like go-ethereum's `parsePositionalArguments`.
+#[derive(Debug)]
+pub(crate) struct Args {
+    values: Vec<Value>,
+}
+
+impl Args {
+    /// `params` absent or `null` means no arguments; anything but an array is refused.
+    pub(crate) fn new(params: Option<Value>) -> Result<Self, RpcError> {
+        match params {
+            None | Some(Value::Null) => Ok(Self { values: Vec::new() }),
+            Some(Value::Array(values)) => Ok(Self { values }),
+            Some(_) => Err(RpcError::invalid_params("non-array args")),
+        }
+    }
+
+    /// Refuses calls with more than `max` arguments.
+    pub(crate) fn at_most(&self, max: usize) -> Result<&Self, RpcError> {
+        if self.values.len() > max {
+            return Err(RpcError::invalid_params(format!(
+                "too many arguments, want at most {max}"
+            )));
+        }
+        Ok(self)
+    }
+
+    /// A required argument; JSON `null` decodes to the type's zero value, as in Go.
+    pub(crate) fn required<T: GoType>(&self, index: usize) -> Result<T, RpcError> {
+        let value = self.values.get(index).ok_or_else(|| {
+            RpcError::invalid_params(format!("missing value for required argument {index}"))
+        })?;
+        decode(index, value)
+    }
+
+    /// An optional (Go pointer) argument: absent or `null` is `None`.
+    pub(crate) fn optional<T: GoType>(&self, index: usize) -> Result<Option<T>, RpcError> {
+        match self.values.get(index) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => decode(index, value).map(Some),
+        }
+    }
+}
+
+fn decode<T: GoType>(index: usize, value: &Value) -> Result<T, RpcError> {
+    T::decode(value).map_err(|found| {
+        RpcError::invalid_params(format!(
+            "invalid argument {index}: json: cannot unmarshal {found} into Go value of type {}",
+            T::GO_NAME
+        ))
+    })
+}
+
+/// A Rust type standing in for the Go parameter type of the original handler.
+pub(crate) trait GoType: Sized {
+    /// The Go type's name, for error messages.
+    const GO_NAME: &'static str;
+    /// Decodes `value`; on mismatch returns what was found, the way Go's `encoding/json` names it.
+    fn decode(value: &Value) -> Result<Self, String>;
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+impl GoType for String {
+    const GO_NAME: &'static str = "string";
+
+    fn decode(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Null => Ok(String::new()),
+            Value::String(text) => Ok(text.clone()),
+            other => Err(json_kind(other).to_owned()),
+        }
+    }
+}
+
+impl GoType for u16 {
+    const GO_NAME: &'static str = "uint16";
+
+    fn decode(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Null => Ok(0),
+            Value::Number(number) => number
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| format!("number {number}")),
+            other => Err(json_kind(other).to_owned()),
+        }
+    }
+}
+
+impl GoType for BTreeMap<String, String> {
+    const GO_NAME: &'static str = "map[string]string";
+
+    fn decode(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Null => Ok(BTreeMap::new()),
+            Value::Object(object) => object
+                .iter()
+                .map(|(key, value)| Ok((key.clone(), String::decode(value)?)))
+                .collect(),
+            other => Err(json_kind(other).to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn args(params: Value) -> Args {
+        Args::new(Some(params)).expect("array params")
+    }
+
+    #[test]
+    fn classifies_messages() {
+        assert!(matches!(
+            parse(br#"{"jsonrpc":"2.0","method":"a_b","params":[1],"id":"x"}"#),
+            Incoming::Request { id: Some(Value::String(_)), ref method, params: Some(_) } if method == "a_b"
+        ));
+        assert!(matches!(
+            parse(br#"{"method":"a_b"}"#),
+            Incoming::Request {
+                id: None,
+                params: None,
+                ..
+            }
+        ));
+        let Incoming::Invalid { id, error } = parse(b"{nope") else {
+            panic!("parse error expected")
+        };
+        assert_eq!((id, error.code), (Value::Null, PARSE_ERROR));
+        let Incoming::Invalid { id, error } = parse(br#"{"id":7}"#) else {
+            panic!("invalid request expected")
+        };
+        assert_eq!((id, error.code), (json!(7), INVALID_REQUEST));
+        let Incoming::Invalid { error, .. } = parse(b"[]") else {
+            panic!("empty batch refused")
+        };
+        assert_eq!(error.message, "empty batch");
+        let Incoming::Invalid { id, .. } = parse(br#"{"id":{},"method":"a_b"}"#) else {
+            panic!("object id refused")
+        };
+        assert_eq!(id, Value::Null);
+    }
+
+    #[test]
+    fn encodes_responses_and_notifications() {
+        assert_eq!(
+            response(&json!(3), &Ok(Value::Null)),
+            r#"{"jsonrpc":"2.0","id":3,"result":null}"#
+        );
+        assert_eq!(
+            response(&json!("u"), &Err(RpcError::handler("boom"))),
+            r#"{"jsonrpc":"2.0","id":"u","error":{"code":-32000,"message":"boom"}}"#
+        );
+        assert_eq!(
+            notification("process", "0x1f", "3"),
+            r#"{"jsonrpc":"2.0","method":"process_subscription","params":{"subscription":"0x1f","result":3}}"#
+        );
+    }
+
+    #[test]
+    fn subscription_ids_look_like_go_ethereum_ones() {
+        for _ in 0..100 {
+            let id = subscription_id();
+            let digits = id.strip_prefix("0x").expect("0x prefix");
+            assert!(digits.len() <= 32 && !digits.is_empty());
+            assert!(
+                digits
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            );
+            assert!(!digits.starts_with('0') || digits == "0");
+        }
+    }
+
+    #[test]
+    fn decodes_arguments_like_go_ethereum() {
+        assert_eq!(
+            Args::new(Some(json!({"a": 1}))).unwrap_err().message,
+            "non-array args"
+        );
+        assert!(Args::new(None).unwrap().values.is_empty());
+        let a = args(json!(["id", null, 80, 70000, 1.5, {"K": "v"}, {"K": 1}]));
+        assert_eq!(a.required::<String>(0).unwrap(), "id");
+        assert_eq!(a.required::<String>(1).unwrap(), "");
+        assert_eq!(a.optional::<String>(1).unwrap(), None);
+        assert_eq!(a.required::<u16>(2).unwrap(), 80);
+        assert_eq!(
+            a.required::<u16>(3).unwrap_err().message,
+            "invalid argument 3: json: cannot unmarshal number 70000 into Go value of type uint16"
+        );
+        assert_eq!(
+            a.required::<u16>(4).unwrap_err().message,
+            "invalid argument 4: json: cannot unmarshal number 1.5 into Go value of type uint16"
+        );
+        assert_eq!(
+            a.required::<String>(2).unwrap_err().message,
+            "invalid argument 2: json: cannot unmarshal number into Go value of type string"
+        );
+        let env: BTreeMap<String, String> = a.required(5).unwrap();
+        assert_eq!(env.get("K").map(String::as_str), Some("v"));
+        assert_eq!(
+            a.required::<BTreeMap<String, String>>(6).unwrap_err().code,
+            INVALID_PARAMS
+        );
+        assert_eq!(
+            a.required::<String>(9).unwrap_err().message,
+            "missing value for required argument 9"
+        );
+        assert_eq!(a.optional::<String>(9).unwrap(), None);
+        assert_eq!(
+            a.at_most(2).unwrap_err().message,
+            "too many arguments, want at most 2"
+        );
+    }
+}

@@ -1,0 +1,573 @@
+//! [`Namespaces`]: the [`Backend`] that runs each sandbox in its own Linux namespaces, on the
+//! host's kernel, limited by cgroups.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, chown};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use burrow_environments::{HOSTNAME, ID_RANGE};
+use nix::fcntl::{OFlag, open};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::stat::Mode;
+use nix::unistd::{Pid, geteuid};
+use rand::Rng;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::cgroup::{self, Cgroups};
+use crate::error::{Error, IoContext};
+use crate::init::{Dirs, Exec, InitConfig, SOCKET_NAME};
+use crate::spawn::{self, Child};
+use crate::{
+    Backend, BoxFuture, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric, ping,
+    valid_sandbox_id,
+};
+
+/// How long a destroy waits for the sandbox's processes to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `wait_exit` looks at the cgroup of a sandbox this process did not start.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+/// How long `probe` waits for `/ping`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much of the init log a start error quotes.
+const LOG_TAIL_BYTES: u64 = 2048;
+
+/// A command to run in a fresh sandbox instead of envd (see [`Namespaces::spawn_command`]).
+#[derive(Debug)]
+pub struct Command {
+    pub argv: Vec<String>,
+    /// Run as the sandbox's root instead of its user.
+    pub as_root: bool,
+    /// Become the command's stdout and stderr (its stdin is `/dev/null`).
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Sandboxes as Linux namespaces (user, mount, pid, network, ipc, uts, cgroup) with an overlay
+/// root, cgroup limits, dropped capabilities and a seccomp filter. Cheap to clone.
+#[derive(Clone)]
+pub struct Namespaces {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RuntimeConfig,
+    /// `<data>/run`: one directory per sandbox, holding envd's socket and the init log.
+    run_root: PathBuf,
+    /// `<data>/stage`: where each sandbox mounts its tmpfs, in its own mount namespace.
+    stage: PathBuf,
+    cgroups: Cgroups,
+    /// Exit status of each sandbox this process started, once its init has died.
+    children: Mutex<HashMap<String, watch::Receiver<Option<ExitStatus>>>>,
+}
+
+impl Namespaces {
+    /// Checks the host (root, cgroups, path lengths) and prepares the data and cgroup
+    /// directories of this node.
+    pub fn new(mut config: RuntimeConfig) -> Result<Namespaces, Error> {
+        if !geteuid().is_root() {
+            return Err(Error::NotRoot);
+        }
+        let node = &config.node_id;
+        if node.is_empty() || node.len() > 32 || !lower_alphanumeric(node) {
+            return Err(Error::NodeId(node.clone()));
+        }
+        burrow_environments::validate_uid_base(config.uid_base)?;
+        let data_dir = std::path::absolute(&config.data_dir).ctx("resolve", &config.data_dir)?;
+        let socket = data_dir.join("run").join("x".repeat(12)).join(SOCKET_NAME);
+        // sockaddr_un holds 108 bytes, the terminating NUL included.
+        if socket.as_os_str().len() > 107 {
+            let len = socket.as_os_str().len();
+            return Err(Error::DataDirTooLong {
+                dir: data_dir,
+                socket,
+                len,
+            });
+        }
+        let run_root = data_dir.join("run");
+        let stage = data_dir.join("stage");
+        for dir in [&data_dir, &run_root, &stage] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .ctx("create", dir)?;
+        }
+        let cgroups = Cgroups::detect(node)?;
+        cgroups.prepare_node()?;
+        config.data_dir = data_dir;
+        Ok(Namespaces {
+            inner: Arc::new(Inner {
+                config,
+                run_root,
+                stage,
+                cgroups,
+                children: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Starts `command` in a fresh sandbox instead of envd, with its output on the given
+    /// descriptors; returns once it runs. [`Namespaces::wait_status`] then tells how it ended.
+    pub async fn spawn_command(
+        &self,
+        spec: &SandboxSpec,
+        command: Command,
+    ) -> Result<Sandbox, Error> {
+        self.inner.start(spec, Some(command)).await
+    }
+
+    /// The exit status of the init (envd, or the command of [`Namespaces::spawn_command`]) of
+    /// a sandbox this process started, once it has exited; `None` for other sandboxes.
+    pub async fn wait_status(&self, id: &str) -> Option<ExitStatus> {
+        let mut exit = self.inner.children().get(id).cloned()?;
+        exit.wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|status| *status)
+    }
+
+    /// Removes this node's parent cgroups if no sandbox is left in them (for short-lived node
+    /// ids, like `burrow sandbox-run`'s).
+    pub fn remove_node_cgroups(&self) {
+        self.inner.cgroups.remove_node();
+    }
+}
+
+impl Backend for Namespaces {
+    fn create<'a>(&'a self, spec: &'a SandboxSpec) -> BoxFuture<'a, Result<Sandbox, Error>> {
+        Box::pin(self.inner.start(spec, None))
+    }
+
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.destroy(id))
+    }
+
+    fn list(&self) -> Result<Vec<String>, Error> {
+        let mut ids = self.inner.cgroups.ids()?;
+        ids.extend(cgroup::sandbox_dirs(&self.inner.run_root)?);
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    fn probe<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            valid_sandbox_id(id) && ping::ping(&self.socket_path(id), PROBE_TIMEOUT).await
+        })
+    }
+
+    fn wait_exit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.inner.wait_exit(id))
+    }
+
+    fn socket_path(&self, id: &str) -> PathBuf {
+        self.inner.socket_path(id)
+    }
+}
+
+impl Inner {
+    fn children(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<Option<ExitStatus>>>> {
+        self.children.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.run_root.join(id)
+    }
+
+    fn socket_path(&self, id: &str) -> PathBuf {
+        self.run_dir(id).join(SOCKET_NAME)
+    }
+
+    /// Starts a sandbox running envd (`command: None`) or a command; with envd, returns once it
+    /// answers `/ping`. Whatever fails, nothing of the sandbox is left behind.
+    async fn start(
+        self: &Arc<Self>,
+        spec: &SandboxSpec,
+        command: Option<Command>,
+    ) -> Result<Sandbox, Error> {
+        let environment = &spec.environment;
+        if let Err(reason) = &environment.availability {
+            return Err(Error::Unavailable {
+                name: environment.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+        spec.limits.validate()?;
+        let envd = command.is_none();
+        let (exec, stdio) = match command {
+            None => (None, None),
+            Some(c) => (
+                Some(Exec {
+                    argv: c.argv,
+                    as_root: c.as_root,
+                }),
+                Some((c.stdout, c.stderr)),
+            ),
+        };
+        let config = InitConfig {
+            hostname: HOSTNAME.to_owned(),
+            disk_bytes: spec.limits.disk_bytes,
+            binds: environment.binds.clone(),
+            user: environment.user.clone(),
+            env: environment.env.clone(),
+            exec,
+        };
+        let config = serde_json::to_vec(&config).expect("the init config serializes");
+        let started = Instant::now();
+
+        let inner = Arc::clone(self);
+        let rootfs = environment.rootfs.clone();
+        let limits = spec.limits;
+        let (id, child) = tokio::task::spawn_blocking(move || {
+            inner.start_blocking(&rootfs, &limits, &config, stdio)
+        })
+        .await
+        .expect("the sandbox start does not panic")?;
+
+        // From here on, an error or a dropped future destroys the sandbox.
+        let mut guard = DestroyOnDrop {
+            inner: Arc::clone(self),
+            id: Some(id.clone()),
+        };
+        let exit = watch_exit(child)?;
+        self.children().insert(id.clone(), exit.clone());
+        let sandbox = Sandbox {
+            socket: self.socket_path(&id),
+            id,
+        };
+        if envd && let Err(e) = self.await_envd(&sandbox, exit).await {
+            guard.id = None;
+            if let Err(cleanup) = self.destroy(&sandbox.id).await {
+                tracing::warn!(id = %sandbox.id, "cleaning up a failed start: {cleanup}");
+            }
+            return Err(e);
+        }
+        guard.id = None;
+        tracing::info!(id = %sandbox.id, environment = %environment.name, elapsed = ?started.elapsed(), "sandbox started");
+        Ok(sandbox)
+    }
+
+    /// The blocking part of a start: run directory, cgroups, clone, maps, config.
+    fn start_blocking(
+        &self,
+        rootfs: &Path,
+        limits: &Limits,
+        config: &[u8],
+        stdio: Option<(OwnedFd, OwnedFd)>,
+    ) -> Result<(String, Child), Error> {
+        let (id, run_dir) = self.new_run_dir()?;
+        match self.clone_into(&id, &run_dir, rootfs, limits, config, stdio) {
+            Ok(child) => Ok((id, child)),
+            Err(e) => {
+                let _ = self.cgroups.remove(&id);
+                let _ = fs::remove_dir_all(&run_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// A fresh sandbox id and its run directory, writable by the sandbox's root (which creates
+    /// envd's socket there).
+    fn new_run_dir(&self) -> Result<(String, PathBuf), Error> {
+        let mut rng = rand::rng();
+        loop {
+            let id: String = (0..12)
+                .map(|_| {
+                    char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
+                })
+                .collect();
+            if self.cgroups.exists(&id) {
+                continue;
+            }
+            let dir = self.run_dir(&id);
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    let base = self.config.uid_base;
+                    chown(&dir, Some(base), Some(base)).ctx("chown", &dir)?;
+                    return Ok((id, dir));
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).ctx("create", &dir),
+            }
+        }
+    }
+
+    fn clone_into(
+        &self,
+        id: &str,
+        run_dir: &Path,
+        rootfs: &Path,
+        limits: &Limits,
+        config: &[u8],
+        stdio: Option<(OwnedFd, OwnedFd)>,
+    ) -> Result<Child, Error> {
+        let log_path = run_dir.join("init.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .ctx("create", &log_path)?;
+        let devnull = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .ctx("open", Path::new("/dev/null"))?;
+        let (control, child_control) =
+            UnixStream::pair().ctx("create a control socket for", run_dir)?;
+        let (stdout, stderr) = match &stdio {
+            Some((out, err)) => (out.as_fd(), err.as_fd()),
+            None => (log.as_fd(), log.as_fd()),
+        };
+        self.cgroups.create(id, limits)?;
+        let cgroup = match self.cgroups.clone_target(id) {
+            Some(dir) => Some(
+                open(
+                    &dir,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .ctx("open", &dir)?,
+            ),
+            None => None,
+        };
+        let child = spawn::clone_init(
+            &self.config.init_program,
+            [devnull.as_fd(), stdout, stderr, child_control.as_fd()],
+            cgroup.as_ref().map(|fd| fd.as_fd()),
+        )?;
+        drop(child_control);
+        if let Err(e) = self.release(id, &child, control, rootfs, run_dir, config) {
+            let _ = kill(Pid::from_raw(child.pid), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(child.pid), None);
+            return Err(e);
+        }
+        Ok(child)
+    }
+
+    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories and config.
+    fn release(
+        &self,
+        id: &str,
+        child: &Child,
+        mut control: UnixStream,
+        rootfs: &Path,
+        run_dir: &Path,
+        config: &[u8],
+    ) -> Result<(), Error> {
+        let map = format!("0 {} {ID_RANGE}\n", self.config.uid_base);
+        for file in ["uid_map", "gid_map"] {
+            let path = PathBuf::from(format!("/proc/{}/{file}", child.pid));
+            fs::write(&path, &map).ctx("write", &path)?;
+        }
+        self.cgroups.add(id, child.pid)?;
+        control
+            .write_all(&[1])
+            .ctx("let go of the sandbox in", run_dir)?;
+        // Opened through the child's root, so that they belong to its mount namespace.
+        let child_root = PathBuf::from(format!("/proc/{}/root", child.pid));
+        let open_dir = |path: &Path| {
+            let inside = child_root.join(path.strip_prefix("/").unwrap_or(path));
+            open(
+                &inside,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("open", &inside)
+        };
+        let dirs = [
+            open_dir(rootfs)?,
+            open_dir(&self.stage)?,
+            open_dir(run_dir)?,
+        ];
+        Dirs::send(&control, &dirs).ctx("send the directories to the sandbox in", run_dir)?;
+        control
+            .write_all(config)
+            .ctx("send the configuration to the sandbox in", run_dir)
+    }
+
+    /// Waits for envd's first answer, the init's death, or the start timeout.
+    async fn await_envd(
+        &self,
+        sandbox: &Sandbox,
+        mut exit: watch::Receiver<Option<ExitStatus>>,
+    ) -> Result<(), Error> {
+        let timeout = self.config.start_timeout;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(1);
+        loop {
+            if let Some(status) = *exit.borrow() {
+                return Err(Error::DiedDuringStart {
+                    id: sandbox.id.clone(),
+                    status,
+                    log: self.log_tail(&sandbox.id),
+                });
+            }
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(Error::StartTimeout {
+                    id: sandbox.id.clone(),
+                    socket: sandbox.socket.clone(),
+                    timeout,
+                    log: self.log_tail(&sandbox.id),
+                });
+            }
+            if ping::ping(&sandbox.socket, left).await {
+                return Ok(());
+            }
+            let pause = delay.min(left);
+            tokio::select! {
+                changed = exit.changed() => if changed.is_err() {
+                    tokio::time::sleep(pause).await;
+                },
+                () = tokio::time::sleep(pause) => {}
+            }
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self, id: &str) -> String {
+        let path = self.run_dir(id).join("init.log");
+        let read = || -> std::io::Result<String> {
+            let mut file = fs::File::open(&path)?;
+            let len = file.metadata()?.len();
+            file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok(String::from_utf8_lossy(&bytes).trim_end().to_owned())
+        };
+        read().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), Error> {
+        if !valid_sandbox_id(id) {
+            return Err(Error::SandboxId(id.to_owned()));
+        }
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        let mut delay = Duration::from_millis(1);
+        while self.cgroups.populated(id)? {
+            self.cgroups.kill(id)?;
+            if Instant::now() > deadline {
+                let cgroup = self.cgroups.tracking_dir(id);
+                return Err(Error::KillTimeout {
+                    id: id.to_owned(),
+                    cgroup,
+                    timeout: KILL_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+        // An init of ours is reaped by its watcher; wait for it so that no zombie outlives this.
+        let exit = self.children().remove(id);
+        if let Some(mut exit) = exit {
+            let _ = tokio::time::timeout(KILL_TIMEOUT, exit.wait_for(Option::is_some)).await;
+        }
+        loop {
+            match self.cgroups.remove(id) {
+                // Right after the last process left, the kernel may still hold the cgroup.
+                Err(Error::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                result => break result?,
+            }
+        }
+        let run_dir = self.run_dir(id);
+        match fs::remove_dir_all(&run_dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", &run_dir),
+            _ => {
+                tracing::info!(%id, "sandbox destroyed");
+                Ok(())
+            }
+        }
+    }
+
+    async fn wait_exit(&self, id: &str) {
+        if !valid_sandbox_id(id) {
+            return;
+        }
+        let own = self.children().get(id).cloned();
+        if let Some(mut exit) = own {
+            let _ = exit.wait_for(Option::is_some).await;
+            return;
+        }
+        // Started by an earlier run of the server: only its cgroup can tell.
+        while self.cgroups.populated(id).unwrap_or(false) {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+    }
+}
+
+/// Reaps the sandbox's init when it exits (its pidfd turns readable) and publishes its status.
+fn watch_exit(child: Child) -> Result<watch::Receiver<Option<ExitStatus>>, Error> {
+    let Child { pid, pidfd } = child;
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
+    // the AsyncFd's whole life.
+    let pidfd = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = e.into_parts().1;
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            return Err(e).ctx("watch", Path::new(&format!("/proc/{pid}")));
+        }
+    };
+    let (sender, receiver) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = pidfd.readable().await else {
+                return;
+            };
+            let mut status = 0;
+            // SAFETY: waitpid writes the status to a local int; WNOHANG never blocks.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            match reaped {
+                0 => ready.clear_ready(),
+                -1 => {
+                    tracing::warn!(pid, "sandbox init was reaped by someone else");
+                    sender.send_replace(Some(ExitStatus::from_raw(255 << 8)));
+                    return;
+                }
+                _ => {
+                    sender.send_replace(Some(ExitStatus::from_raw(status)));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+/// Destroys a sandbox whose start was abandoned (its future dropped) half-way.
+struct DestroyOnDrop {
+    inner: Arc<Inner>,
+    id: Option<String>,
+}
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let inner = Arc::clone(&self.inner);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = inner.destroy(&id).await {
+                    tracing::warn!(%id, "destroying an abandoned sandbox: {e}");
+                }
+            });
+        }
+    }
+}

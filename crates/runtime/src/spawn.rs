@@ -1,0 +1,163 @@
+//! Starting a sandbox's first process: `clone3` into new namespaces, then `execve` of
+//! `burrow sandbox-init`. The server is multi-threaded, so the child runs only async-signal-safe
+//! system calls on data prepared before the clone: no allocation, no locks, no libc wrappers that
+//! assume they know the process's threads.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use libc::c_char;
+
+use crate::error::Error;
+
+/// The namespaces every sandbox gets at birth. The cgroup namespace comes later, from
+/// `sandbox-init`, once the process sits in its own cgroups (so they become its root).
+const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS;
+
+/// From linux/sched.h (libc's constant is an `i32`, too narrow for it).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// A started `sandbox-init`, stopped before `execve` until its config pipe says go.
+pub(crate) struct Child {
+    pub pid: i32,
+    /// Readable once the process has exited; never reused for another process.
+    pub pidfd: OwnedFd,
+}
+
+/// What the child needs, prepared before the clone because the child cannot allocate.
+struct Prepared<'a> {
+    program: CString,
+    argv: [*const c_char; 3],
+    envp: [*const c_char; 1],
+    /// The descriptor that becomes fd 0, 1, 2, ... in the child.
+    fds: [BorrowedFd<'a>; CHILD_FDS],
+}
+
+/// stdin, stdout, stderr and the control socket (fd 3, see [`crate::init`]).
+const CHILD_FDS: usize = 4;
+
+const ARGV0: &CStr = c"burrow";
+const ARGV1: &CStr = c"sandbox-init";
+
+/// Clones `program` as `burrow sandbox-init` into new namespaces, and into the cgroup v2
+/// directory `cgroup` if given. `fds[n]` becomes its fd `n`: stdin, stdout, stderr, and the
+/// control socket; every other descriptor is closed. The child waits for one byte on fd 3, then
+/// becomes uid/gid 0 of its user namespace (the parent must have written the id maps by then)
+/// and executes `program` with an empty environment.
+pub(crate) fn clone_init(
+    program: &Path,
+    fds: [BorrowedFd<'_>; CHILD_FDS],
+    cgroup: Option<BorrowedFd<'_>>,
+) -> Result<Child, Error> {
+    let program = CString::new(program.as_os_str().as_bytes())
+        .map_err(|_| Error::Clone(std::io::Error::other("init program path contains NUL")))?;
+    let prepared = Prepared {
+        argv: [ARGV0.as_ptr(), ARGV1.as_ptr(), std::ptr::null()],
+        envp: [std::ptr::null()],
+        program,
+        fds,
+    };
+    let mut pidfd: RawFd = -1;
+    // SAFETY: clone_args is plain data; all-zero is its documented "nothing requested" value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = (NAMESPACES | libc::CLONE_PIDFD) as u64;
+    args.pidfd = &mut pidfd as *mut RawFd as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(cgroup) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cgroup.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM or a stack behaves like fork: the child gets a copy of this
+    // thread's memory and only ever runs `child`, which never returns. `args` and `pidfd` live
+    // across the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    match ret {
+        -1 => Err(Error::Clone(std::io::Error::last_os_error())),
+        // SAFETY: this is the freshly cloned, single-threaded child.
+        0 => unsafe { child(&prepared) },
+        pid => Ok(Child {
+            pid: pid as i32,
+            // SAFETY: CLONE_PIDFD stored a new descriptor, which nothing else owns.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        }),
+    }
+}
+
+/// The child between clone and execve.
+///
+/// # Safety
+/// Must only run in a child cloned by [`clone_init`]: it shares a copy of a multi-threaded
+/// process's memory, so it may only use async-signal-safe system calls.
+unsafe fn child(p: &Prepared) -> ! {
+    // SAFETY: plain system calls on descriptors and pointers prepared by the parent; nothing
+    // here allocates or takes a lock.
+    unsafe {
+        // Copy every source above the targets first, since a source may sit on a target number.
+        let mut moved = [0; CHILD_FDS];
+        for (slot, fd) in moved.iter_mut().zip(&p.fds) {
+            *slot = libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_DUPFD_CLOEXEC,
+                CHILD_FDS as libc::c_int,
+            );
+            if *slot < 0 {
+                fail(b"burrow: sandbox start: cannot duplicate a descriptor\n");
+            }
+        }
+        for (target, fd) in moved.iter().enumerate() {
+            // dup2 leaves the target without FD_CLOEXEC, so it survives the execve.
+            if libc::dup2(*fd, target as libc::c_int) < 0 {
+                fail(b"burrow: sandbox start: cannot place a descriptor\n");
+            }
+        }
+        // Nothing of the server may reach the sandbox. On kernels before 5.9 this fails, and
+        // FD_CLOEXEC (which Rust sets on every descriptor it opens) is what is left.
+        libc::syscall(libc::SYS_close_range, CHILD_FDS, libc::c_uint::MAX, 0);
+        // A session of its own: no controlling terminal of the server's.
+        libc::setsid();
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        let mut go = 0u8;
+        loop {
+            match libc::read(3, (&mut go as *mut u8).cast(), 1) {
+                1 => break,
+                -1 if *libc::__errno_location() == libc::EINTR => continue,
+                // The parent gave up on this sandbox.
+                _ => libc::_exit(1),
+            }
+        }
+        // Raw system calls, not libc's wrappers: those signal every thread the parent had.
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+        {
+            fail(b"burrow: sandbox start: cannot become root of the user namespace\n");
+        }
+        libc::execve(p.program.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+        fail(b"burrow: sandbox start: cannot execute the init program\n")
+    }
+}
+
+/// Reports on stderr (the sandbox's log) and exits; for the child only.
+unsafe fn fail(message: &[u8]) -> ! {
+    // SAFETY: write and _exit are async-signal-safe; `message` is valid for its length.
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(127)
+    }
+}

@@ -1,0 +1,150 @@
+//! The namespace backend end to end, through the `Backend` trait, with the real burrow binary as
+//! every sandbox's init: `$BURROW_BIN`, else the workspace's `target/debug/burrow` (build it
+//! first). Needs root and that binary; without them each test says so and passes.
+//! `isolation.sh` beside this file checks what a sandbox can and cannot do.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_environments::Catalog;
+use burrow_runtime::{Backend, Error, Limits, Namespaces, RuntimeConfig, SandboxSpec};
+
+struct Fixture {
+    config: RuntimeConfig,
+    backend: Namespaces,
+    catalog: Catalog,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Option<Fixture> {
+        let binary = std::env::var_os("BURROW_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/burrow")
+            });
+        if !nix::unistd::geteuid().is_root() || !binary.is_file() {
+            eprintln!(
+                "skipped: needs root and the burrow binary at {}",
+                binary.display()
+            );
+            return None;
+        }
+        let data_dir = PathBuf::from(format!("/tmp/burrow-rt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut config = RuntimeConfig::new(&data_dir, format!("t{}{name}", std::process::id()));
+        config.init_program = binary;
+        let backend = Namespaces::new(config.clone()).unwrap();
+        let catalog = Catalog::load(&data_dir, config.uid_base).unwrap();
+        Some(Fixture {
+            config,
+            backend,
+            catalog,
+        })
+    }
+
+    fn spec(&self) -> SandboxSpec {
+        SandboxSpec {
+            environment: Arc::clone(self.catalog.get("Bash").unwrap()),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.backend.remove_node_cgroups();
+        let _ = std::fs::remove_dir_all(&self.config.data_dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_probe_list_adopt_destroy() {
+    let Some(f) = Fixture::new("life") else {
+        return;
+    };
+    let sandbox = f.backend.create(&f.spec()).await.unwrap();
+    assert_eq!(sandbox.socket, f.backend.socket_path(&sandbox.id));
+    assert!(f.backend.probe(&sandbox.id).await);
+    assert_eq!(f.backend.list().unwrap(), std::slice::from_ref(&sandbox.id));
+
+    // A restarted server finds the sandbox, can reach it, and learns when it is gone.
+    let restarted = Namespaces::new(f.config.clone()).unwrap();
+    assert_eq!(restarted.list().unwrap(), std::slice::from_ref(&sandbox.id));
+    assert!(restarted.probe(&sandbox.id).await);
+    let id = sandbox.id.clone();
+    let waiter = tokio::spawn(async move { restarted.wait_exit(&id).await });
+
+    f.backend.destroy(&sandbox.id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(f.backend.list().unwrap().is_empty());
+    assert!(!sandbox.socket.exists());
+    assert!(!f.backend.probe(&sandbox.id).await);
+    // Destroying twice is fine.
+    f.backend.destroy(&sandbox.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_exit_sees_the_sandbox_die_on_its_own() {
+    let Some(f) = Fixture::new("death") else {
+        return;
+    };
+    let sandbox = f.backend.create(&f.spec()).await.unwrap();
+    for pid in sandbox_pids(&f.config.node_id, &sandbox.id) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    tokio::time::timeout(Duration::from_secs(5), f.backend.wait_exit(&sandbox.id))
+        .await
+        .unwrap();
+    let status = f.backend.wait_status(&sandbox.id).await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    f.backend.destroy(&sandbox.id).await.unwrap();
+    assert!(f.backend.list().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_says_why_and_leaves_nothing() {
+    let Some(mut f) = Fixture::new("fail") else {
+        return;
+    };
+    // An init program that exits at once, as a broken binary would.
+    f.config.init_program = "/bin/false".into();
+    let backend = Namespaces::new(f.config.clone()).unwrap();
+    let error = backend.create(&f.spec()).await.unwrap_err();
+    assert!(matches!(error, Error::DiedDuringStart { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("exited while starting (exit status: 1)"),
+        "{error}"
+    );
+    assert!(backend.list().unwrap().is_empty());
+
+    let mut unavailable = f.spec();
+    let mut environment = (*unavailable.environment).clone();
+    environment.availability = Err("needs `go`".into());
+    unavailable.environment = Arc::new(environment);
+    let error = backend.create(&unavailable).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "environment Bash is unavailable on this host: needs `go`"
+    );
+}
+
+/// The processes of a sandbox, from whichever cgroup layout this host has.
+fn sandbox_pids(node: &str, id: &str) -> Vec<i32> {
+    ["unified/burrow", "burrow", "pids/burrow"]
+        .iter()
+        .map(|base| format!("/sys/fs/cgroup/{base}/{node}/{id}/cgroup.procs"))
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .unwrap()
+        .lines()
+        .map(|line| line.parse().unwrap())
+        .collect()
+}

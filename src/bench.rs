@@ -1,0 +1,320 @@
+//! `burrow bench`: the figures the README and docs/benchmarks.md claim, measured against the real
+//! server (this binary, started as child processes) over its public API, side by side with a raw
+//! baseline taken in the same run: `unshare` with the same namespaces exec'ing `true`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use burrow_client::{Client, Session};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds of each sequential measurement.
+    #[arg(long, default_value_t = 200)]
+    rounds: usize,
+    /// Sessions created at once for the concurrent time-to-interactive figure.
+    #[arg(long, default_value_t = 100)]
+    concurrent: usize,
+    /// Idle sessions held at once for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Environment to benchmark.
+    #[arg(long, default_value = "Bash")]
+    env: String,
+}
+
+const DOMAIN: &str = "localhost";
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(bench(args))
+}
+
+/// Sorted samples of one measurement.
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn new(mut v: Vec<Duration>) -> Samples {
+        v.sort();
+        Samples(v)
+    }
+
+    fn pct(&self, p: usize) -> Duration {
+        let n = self.0.len();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        self.0[(n * p / 100).min(n - 1)]
+    }
+}
+
+fn row(name: &str, s: &Samples) {
+    println!(
+        "{name:<52} {:>9.2} ms {:>9.2} ms {:>6}",
+        s.pct(50).as_secs_f64() * 1e3,
+        s.pct(99).as_secs_f64() * 1e3,
+        s.0.len()
+    );
+}
+
+/// A `burrow serve` child on a free port with a throwaway data dir.
+struct Server {
+    child: tokio::process::Child,
+    client: Client,
+    data_dir: PathBuf,
+}
+
+impl Server {
+    async fn start(pool_size: usize) -> anyhow::Result<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let data_dir =
+            std::env::temp_dir().join(format!("burrow-bench-{}", burrow_store::random_alnum(8)));
+        let log =
+            std::fs::File::create(std::env::temp_dir().join(format!("burrow-bench-{port}.log")))?;
+        let child = tokio::process::Command::new("/proc/self/exe")
+            .args(["serve", "--auth", "off", "--session-ttl", "30m"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--pool-size")
+            .arg(pool_size.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `burrow serve`")?;
+        let client = Client::new(&format!("http://127.0.0.1:{port}"), None)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((status, _)) = client
+                .request(burrow_client::Method::GET, "/health", None, None)
+                .await
+                && status.is_success()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not come up within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Server {
+            child,
+            client,
+            data_dir,
+        })
+    }
+
+    /// Deletes every session, stops the server and removes its data dir.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        for s in self.client.list_sessions().await? {
+            self.client.delete_session(&s.session_id).await?;
+        }
+        if let Some(pid) = self.child.id() {
+            // SAFETY: sending a signal to our own child process has no memory-safety effects.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await??;
+        std::fs::remove_dir_all(&self.data_dir).ok();
+        Ok(())
+    }
+
+    /// Gives the pool time to refill (one sandbox start is a few milliseconds).
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn mem_available_kib() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no MemAvailable in /proc/meminfo")
+}
+
+/// POST /sessions → envd websocket → `true` exits: what an SDK user waits for.
+async fn time_to_interactive(client: &Client, env: &str) -> anyhow::Result<(Duration, Session)> {
+    let start = Instant::now();
+    let session = client.create_session(env).await?;
+    let mut envd = client.envd(&session, DOMAIN).await?;
+    let code = envd.exec("tti", "true").await?;
+    if code != 0 {
+        bail!("`true` exited with {code}");
+    }
+    Ok((start.elapsed(), session))
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let env = args.env.as_str();
+    println!("burrow bench: {} rounds, environment {env}", args.rounds);
+    println!(
+        "{:<52} {:>12} {:>12} {:>6}",
+        "measurement", "p50", "p99", "n"
+    );
+
+    let mut baseline = Vec::new();
+    for _ in 0..args.rounds {
+        let start = Instant::now();
+        let status = tokio::process::Command::new("unshare")
+            .args([
+                "--user", "--mount", "--pid", "--fork", "--net", "--ipc", "--uts", "--cgroup",
+                "true",
+            ])
+            .status()
+            .await
+            .context("cannot run `unshare` (util-linux) for the baseline")?;
+        if !status.success() {
+            bail!("baseline `unshare … true` failed: {status}");
+        }
+        baseline.push(start.elapsed());
+    }
+    row(
+        "baseline: unshare (same namespaces) + exec true",
+        &Samples::new(baseline),
+    );
+
+    // Without the pool: every create starts a sandbox.
+    let server = Server::start(0).await?;
+    let client = &server.client;
+    let (mut create, mut destroy) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        let t = Instant::now();
+        let s = client.create_session(env).await?;
+        create.push(t.elapsed());
+        let t = Instant::now();
+        client.delete_session(&s.session_id).await?;
+        destroy.push(t.elapsed());
+    }
+    row(
+        "create → ready, no pool (POST /sessions)",
+        &Samples::new(create),
+    );
+    row(
+        "destroy (DELETE /sessions/{id}, sandbox gone)",
+        &Samples::new(destroy),
+    );
+
+    let mut tti = Vec::new();
+    for _ in 0..args.rounds {
+        let (took, s) = time_to_interactive(client, env).await?;
+        tti.push(took);
+        client.delete_session(&s.session_id).await?;
+    }
+    row(
+        "time to interactive, no pool, sequential",
+        &Samples::new(tti),
+    );
+
+    let session = client.create_session(env).await?;
+    let mut envd = client.envd(&session, DOMAIN).await?;
+    let mut exec = Vec::new();
+    for i in 0..args.rounds {
+        let t = Instant::now();
+        envd.exec(&format!("p{i}"), "true").await?;
+        exec.push(t.elapsed());
+    }
+    row(
+        "exec round trip: process.start(\"true\") → onExit",
+        &Samples::new(exec),
+    );
+    drop(envd);
+    client.delete_session(&session.session_id).await?;
+
+    let client = Arc::new(Client::new(
+        &format!("http://{}", server.client.addr()),
+        None,
+    )?);
+    let tasks: Vec<_> = (0..args.concurrent)
+        .map(|_| {
+            let client = client.clone();
+            let env = env.to_string();
+            tokio::spawn(async move { time_to_interactive(&client, &env).await })
+        })
+        .collect();
+    let mut tti = Vec::new();
+    for t in tasks {
+        let (took, s) = t.await??;
+        tti.push(took);
+        client.delete_session(&s.session_id).await?;
+    }
+    row(
+        &format!("time to interactive, no pool, {} at once", args.concurrent),
+        &Samples::new(tti),
+    );
+
+    let before = mem_available_kib()?;
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for chunk in (0..args.idle).collect::<Vec<_>>().chunks(16) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|_| {
+                let client = client.clone();
+                let env = env.to_string();
+                tokio::spawn(async move { client.create_session(&env).await })
+            })
+            .collect();
+        for t in tasks {
+            idle.push(t.await??);
+        }
+    }
+    let launch = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = mem_available_kib()?;
+    let live = client.list_sessions().await?.len();
+    let per = (before.saturating_sub(after)) as f64 / args.idle as f64 / 1024.0;
+    println!(
+        "{:<52} {:>9.2} MiB per idle sandbox ({} live at once, started in {:.1} s)",
+        "host memory (MemAvailable drop / sandboxes)",
+        per,
+        live,
+        launch.as_secs_f64()
+    );
+    let started = Instant::now();
+    for s in &idle {
+        client.delete_session(&s.session_id).await?;
+    }
+    println!(
+        "{:<52} {:>9.1} s for {}",
+        "delete all idle sandboxes",
+        started.elapsed().as_secs_f64(),
+        idle.len()
+    );
+    server.stop().await?;
+
+    // From the pool: each create takes a ready sandbox; the pool refills between rounds.
+    let server = Server::start(2).await?;
+    let client = &server.client;
+    server.settle().await;
+    let (mut create, mut tti) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        let t = Instant::now();
+        let s = client.create_session(env).await?;
+        create.push(t.elapsed());
+        client.delete_session(&s.session_id).await?;
+        server.settle().await;
+        let (took, s) = time_to_interactive(client, env).await?;
+        tti.push(took);
+        client.delete_session(&s.session_id).await?;
+        server.settle().await;
+    }
+    row(
+        "create → ready, from the pool (POST /sessions)",
+        &Samples::new(create),
+    );
+    row(
+        "time to interactive, from the pool, sequential",
+        &Samples::new(tti),
+    );
+    server.stop().await?;
+    Ok(())
+}

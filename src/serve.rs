@@ -1,0 +1,185 @@
+//! `burrow serve`: wires store, environments, runtime, sessions and the HTTP surface together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use burrow_api::AppState;
+use burrow_environments::Catalog;
+use burrow_runtime::{Limits, Namespaces, RuntimeConfig};
+use burrow_sessions::{Config as SessionsConfig, Sessions};
+use burrow_store::Store;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{parse_bytes, parse_duration};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Auth {
+    On,
+    Off,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but loopback exposes the API to the network.
+    #[arg(long, env = "BURROW_LISTEN", default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Where burrow keeps its database, environments and sandbox sockets.
+    #[arg(long, env = "BURROW_DATA_DIR", default_value = "burrow-data")]
+    data_dir: PathBuf,
+    /// Sandboxes are reached at {port}-{sessionID}-{clientID}.{domain}.
+    #[arg(long, env = "BURROW_DOMAIN", default_value = "localhost")]
+    domain: String,
+    /// How long a session lives after its create or last refresh (e.g. 15s, 2m).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    session_ttl: Duration,
+    /// `off` lets anyone who can reach the server create sessions (single-user laptops only).
+    #[arg(long, value_enum, default_value = "on")]
+    auth: Auth,
+    /// Ready sandboxes kept per available environment, so creates are instant.
+    #[arg(long, default_value_t = 2)]
+    pool_size: usize,
+    /// Memory limit per sandbox (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
+    memory: u64,
+    /// Process limit per sandbox.
+    #[arg(long, default_value_t = 256)]
+    pids: u64,
+    /// Size of each sandbox's writable filesystem layer.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    disk: u64,
+    /// Relative CPU weight per sandbox (1-10000; 100 is an equal share).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    cpu_weight: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+/// Creates the data dir (owner-only) and returns its absolute path.
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    dir.canonicalize()
+        .with_context(|| format!("cannot resolve the data dir {}", dir.display()))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = prepare_data_dir(&args.data_dir)?;
+    let store = Arc::new(Store::open(&data_dir.join("burrow.db"))?);
+    let node_id = store.node_id()?;
+    let auth_off = match args.auth {
+        Auth::On => {
+            if !store.has_keys()? {
+                let key = store.create_key("admin", true)?;
+                println!("admin key: {}", key.key);
+                tracing::info!(
+                    "created the admin key (printed once above; `burrow keys create` makes more)"
+                );
+            }
+            None
+        }
+        Auth::Off => {
+            tracing::warn!(
+                "AUTH IS OFF: anyone who can reach {} can run code on this machine",
+                args.listen
+            );
+            Some(store.default_principal()?)
+        }
+    };
+    let limits = Limits {
+        memory_bytes: args.memory,
+        pids: args.pids,
+        cpu_weight: args.cpu_weight,
+        disk_bytes: args.disk,
+    };
+    let runtime_config = RuntimeConfig::new(data_dir.clone(), node_id.clone());
+    let catalog = Arc::new(Catalog::load(&data_dir, runtime_config.uid_base)?);
+    for env in catalog.list() {
+        match &env.availability {
+            Ok(()) => tracing::info!(environment = %env.name, "environment available"),
+            Err(why) => tracing::info!(environment = %env.name, "environment unavailable: {why}"),
+        }
+    }
+    let backend = Arc::new(Namespaces::new(runtime_config)?);
+    let sessions = Sessions::start(
+        SessionsConfig {
+            ttl: args.session_ttl,
+            pool_size: args.pool_size,
+            limits,
+            client_id: node_id.clone(),
+        },
+        store.clone(),
+        backend,
+        catalog,
+    )
+    .await?;
+    let state = Arc::new(AppState {
+        sessions: sessions.clone(),
+        store,
+        domain: args.domain.clone(),
+        auth_off,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(
+        node = %node_id,
+        data_dir = %data_dir.display(),
+        "listening on http://{}; sandboxes at {{port}}-{{sessionID}}-{node_id}.{}",
+        listener.local_addr()?,
+        args.domain
+    );
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    // Interactive traffic (terminals, JSON-RPC) is many small writes: never let Nagle hold them.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let server = axum::serve(listener, burrow_api::app(state)).with_graceful_shutdown({
+        let stopping = stopping.clone();
+        async move {
+            stop_signal().await;
+            stopping.notify_one();
+        }
+    });
+    // Requests in flight get a few seconds to finish; idle keep-alive clients do not hold the stop.
+    tokio::select! {
+        result = server => result?,
+        _ = async { stopping.notified().await; tokio::time::sleep(Duration::from_secs(5)).await } => {
+            tracing::warn!("connections still open after 5 s; stopping anyway");
+        }
+    }
+    tracing::info!("stopping: live sessions keep running and are adopted by the next start");
+    sessions.shutdown().await;
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
