@@ -17,6 +17,8 @@ pub(crate) struct Pool {
     ready: Mutex<HashMap<String, Vec<Sandbox>>>,
     wake: Notify,
     draining: AtomicBool,
+    /// The refill task, awaited by [`Pool::drain`] so no start in flight outlives the server.
+    filler: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -26,6 +28,7 @@ impl Pool {
             ready: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             draining: AtomicBool::new(false),
+            filler: Mutex::new(None),
         }
     }
 
@@ -54,9 +57,14 @@ impl Pool {
         self.ready().get(environment).map_or(0, Vec::len)
     }
 
-    /// Stops refilling and destroys every pooled sandbox.
+    /// Stops refilling (waiting for a start in flight) and destroys every pooled sandbox.
     pub(crate) async fn drain(&self, backend: &dyn Backend) {
         self.draining.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let filler = self.filler.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(filler) = filler {
+            let _ = filler.await;
+        }
         let all: Vec<Sandbox> = self.ready().drain().flat_map(|(_, v)| v).collect();
         for sandbox in all {
             let _ = backend.destroy(&sandbox.id).await;
@@ -68,8 +76,9 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
     if sessions.inner.pool.size == 0 {
         return;
     }
-    tokio::spawn(async move {
-        let inner = &sessions.inner;
+    let filler = sessions.clone();
+    let handle = tokio::spawn(async move {
+        let inner = &filler.inner;
         let environments: Vec<_> = inner
             .catalog
             .list()
@@ -100,12 +109,24 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                         }
                         Err(e) => {
                             tracing::error!(environment = %env.name, error = %e, "cannot start a sandbox for the pool; retrying in 5 s");
-                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                                _ = inner.pool.wake.notified() => {}
+                            }
                         }
                     }
                 }
             }
+            if inner.pool.draining.load(Ordering::SeqCst) {
+                return;
+            }
             inner.pool.wake.notified().await;
         }
     });
+    *sessions
+        .inner
+        .pool
+        .filler
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(handle);
 }
