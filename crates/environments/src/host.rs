@@ -11,7 +11,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::{Bind, Error, HOSTNAME, IoContext, PATH};
 
 /// Bump when the generated tree changes, so existing data dirs regenerate it at the next start.
-pub const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 1;
 
 /// Host files and directories under `/etc` the sandbox sees read-only, when the host has them:
 /// what programs under `/usr` read at run time (alternatives' symlinks, CA certificates, the
@@ -369,6 +369,29 @@ mod tests {
                 ("lib".into(), "usr/lib".into())
             ]
         );
+    }
+
+    #[test]
+    fn this_hosts_binds_hold_no_secrets() {
+        let layout = Layout::of_host(Path::new("/"));
+        assert_eq!(layout.binds[0].host, Path::new("/usr"));
+        for bind in &layout.binds {
+            assert_eq!(bind.host, bind.inside);
+            for secret in [
+                "/root",
+                "/home",
+                "/etc/shadow",
+                "/etc/gshadow",
+                "/etc/ssh",
+                "/etc/ssl/private",
+            ] {
+                assert!(!bind.host.starts_with(secret), "{bind:?}");
+            }
+            assert!(
+                bind.host != Path::new("/etc") && bind.host != Path::new("/etc/ssl"),
+                "{bind:?}"
+            );
+        }
     }
 
     #[test]

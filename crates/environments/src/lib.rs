@@ -13,8 +13,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use host::GENERATOR_VERSION;
-
 /// The hostname of every sandbox; the generated `/etc/hosts` and `/etc/hostname` name it.
 pub const HOSTNAME: &str = "sandbox";
 
@@ -67,11 +65,15 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "uid base {0} is unusable: sandboxes map 65536 ids from it, so it must be between 1 and {max}; \
-         pick another --uid-base",
+        "uid base {0} is unusable: sandboxes map 65536 ids from it, so it must be between 1 and {max}",
         max = u32::MAX - ID_RANGE
     )]
     UidBase(u32),
+    #[error(
+        "the data dir {data_dir} is inside {bind}, which every sandbox sees: sandboxes would reach \
+         each other's envd sockets and the server's files; use a data dir outside {bind}"
+    )]
+    DataDirVisible { data_dir: PathBuf, bind: PathBuf },
 }
 
 /// Adds the failed action and its path to an `io::Error`.
@@ -163,6 +165,7 @@ impl Catalog {
         validate_uid_base(uid_base)?;
         let data_dir = std::path::absolute(data_dir).ctx("resolve", data_dir)?;
         let layout = host::Layout::of_host(Path::new("/"));
+        check_hidden(&data_dir, &layout.binds)?;
         let rootfs = host::ensure_rootfs(&data_dir.join("environments/host"), uid_base, &layout)?;
         let environments = BUILTINS
             .iter()
@@ -186,6 +189,21 @@ impl Catalog {
 
     pub fn list(&self) -> &[Arc<Environment>] {
         &self.environments
+    }
+}
+
+/// Refuses a data dir that sandboxes would see through a bind: it holds every sandbox's envd
+/// socket (and the server's database), all owned by the ids sandboxes run as.
+fn check_hidden(data_dir: &Path, binds: &[Bind]) -> Result<(), Error> {
+    let real = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_owned());
+    match binds.iter().find(|bind| real.starts_with(&bind.host)) {
+        Some(bind) => Err(Error::DataDirVisible {
+            data_dir: real,
+            bind: bind.host.clone(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -299,6 +317,23 @@ mod tests {
         assert!(
             reason.starts_with("needs `bash` and `go` in /nonexistent; install Debian's golang-go"),
             "{reason}"
+        );
+    }
+
+    #[test]
+    fn data_dir_must_stay_out_of_sight() {
+        let binds = [Bind {
+            host: "/usr".into(),
+            inside: "/usr".into(),
+        }];
+        assert!(check_hidden(Path::new("/var/lib/burrow"), &binds).is_ok());
+        assert!(check_hidden(Path::new("/usrdata/burrow"), &binds).is_ok());
+        let error = check_hidden(Path::new("/usr/local/var/burrow"), &binds).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("inside /usr, which every sandbox sees"),
+            "{error}"
         );
     }
 

@@ -9,11 +9,16 @@
 
 use std::fs;
 use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 use nix::unistd::Pid;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::timeout;
 
 use crate::error::{Error, IoContext};
 use crate::{Limits, valid_sandbox_id};
@@ -233,9 +238,52 @@ impl Cgroups {
         let dir = self.tracking_dir(id);
         let events = dir.join("cgroup.events");
         match fs::read_to_string(&events) {
-            Ok(text) => Ok(text.lines().any(|l| l.trim() == "populated 1")),
+            Ok(text) => Ok(says_populated(&text)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(!self.pids(id)?.is_empty()),
             Err(e) => Err(e).ctx("read", &events),
+        }
+    }
+
+    /// Resolves once no process of the sandbox is left (true), or at `deadline` (false). With
+    /// cgroup v2 this sleeps until `cgroup.events` changes (the kernel signals every change as
+    /// POLLPRI); without it, it looks again every `poll`.
+    pub async fn until_empty(
+        &self,
+        id: &str,
+        poll: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<bool, Error> {
+        let events = fs::File::open(self.tracking_dir(id).join("cgroup.events"))
+            .ok()
+            // SAFETY: the AsyncFd owns the File, so the descriptor stays open and the same for
+            // the AsyncFd's whole life.
+            .and_then(|file| {
+                unsafe { AsyncFd::register_with_interest(file, Interest::PRIORITY) }.ok()
+            });
+        loop {
+            // Reading through the watched descriptor also re-arms its POLLPRI.
+            let mut text = [0u8; 128];
+            let populated = match events.as_ref().map(|fd| fd.get_ref().read_at(&mut text, 0)) {
+                Some(Ok(n)) => says_populated(&String::from_utf8_lossy(&text[..n])),
+                // ENODEV: the cgroup was removed.
+                _ => self.populated(id)?,
+            };
+            if !populated {
+                return Ok(true);
+            }
+            let pause = match deadline {
+                Some(deadline) if Instant::now() >= deadline => return Ok(false),
+                Some(deadline) => poll.min(deadline - Instant::now()),
+                None => poll,
+            };
+            match &events {
+                Some(fd) => {
+                    if let Ok(Ok(mut ready)) = timeout(pause, fd.ready(Interest::PRIORITY)).await {
+                        ready.clear_ready();
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
         }
     }
 
@@ -268,6 +316,10 @@ impl Cgroups {
         }
         Ok(ids)
     }
+}
+
+fn says_populated(events: &str) -> bool {
+    events.lines().any(|line| line.trim() == "populated 1")
 }
 
 /// Names of the subdirectories of `dir` that are sandbox ids (none if `dir` is missing).

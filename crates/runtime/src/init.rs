@@ -38,6 +38,7 @@ use crate::error::{Error, SetupContext};
 
 /// The control socket from the server: a go byte (taken before the `execve`), one byte carrying
 /// the three directories of [`Dirs`] (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
+/// The sandbox closes it once built, which tells the server that envd's socket is listening.
 pub const CONTROL_FD: RawFd = 3;
 
 /// envd's socket, in the run directory.
@@ -95,7 +96,8 @@ const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi"];
 /// `/proc` trees made read-only.
 const PROC_READ_ONLY: &[&str] = &["sys", "bus", "fs", "irq"];
 
-/// Directories of the host the setup needs, open in the sandbox's mount namespace.
+/// Directories of the host the setup needs, open in the sandbox's mount namespace, and the
+/// control socket, closed once the sandbox is built.
 #[derive(Debug)]
 pub struct Dirs {
     /// The environment's root filesystem (the overlay's lower layer).
@@ -104,6 +106,7 @@ pub struct Dirs {
     stage: OwnedFd,
     /// The sandbox's run directory, where envd's socket goes.
     run: OwnedFd,
+    control: UnixStream,
 }
 
 impl Dirs {
@@ -147,8 +150,15 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
         .try_into()
         .map_err(|_| std::io::Error::other("expected three directories"))
         .step(step)?;
-    let config = serde_json::from_reader(std::io::BufReader::new(socket)).map_err(Error::Config)?;
-    Ok((config, Dirs { rootfs, stage, run }))
+    let config =
+        serde_json::from_reader(std::io::BufReader::new(&socket)).map_err(Error::Config)?;
+    let dirs = Dirs {
+        rootfs,
+        stage,
+        run,
+        control: socket,
+    };
+    Ok((config, dirs))
 }
 
 /// What `sandbox-init` becomes once the sandbox is built.
@@ -162,7 +172,12 @@ pub enum Role {
 
 /// Builds the sandbox around this process and locks it down; says what to become next.
 pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
-    let Dirs { rootfs, stage, run } = dirs;
+    let Dirs {
+        rootfs,
+        stage,
+        run,
+        control,
+    } = dirs;
     // Executed as /proc/self/exe, the process would be called "exe" in `ps`.
     nix::sys::prctl::set_name(c"burrow-init").step(|| "name the process".into())?;
 
@@ -194,6 +209,7 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
     loopback_up()?;
     pivot()?;
     lock_down()?;
+    drop(control);
     Ok(role)
 }
 

@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 
 use burrow_environments::{HOSTNAME, ID_RANGE};
 use nix::fcntl::{OFlag, open};
-use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
-use nix::unistd::{Pid, geteuid};
+use nix::unistd::geteuid;
 use rand::Rng;
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::sync::watch;
 
 use crate::cgroup::{self, Cgroups};
@@ -34,7 +33,10 @@ use crate::{
 
 /// How long a destroy waits for the sandbox's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often `wait_exit` looks at the cgroup of a sandbox this process did not start.
+/// How long a destroy waits after a kill before it kills again.
+const KILL_ROUND: Duration = Duration::from_millis(100);
+/// How often `wait_exit` looks at the cgroup of a sandbox this process did not start, when the
+/// cgroup cannot tell by itself (no cgroup v2).
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// How long `probe` waits for `/ping`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -230,7 +232,7 @@ impl Inner {
         let inner = Arc::clone(self);
         let rootfs = environment.rootfs.clone();
         let limits = spec.limits;
-        let (id, child) = tokio::task::spawn_blocking(move || {
+        let (id, child, control) = tokio::task::spawn_blocking(move || {
             inner.start_blocking(&rootfs, &limits, &config, stdio)
         })
         .await
@@ -247,7 +249,7 @@ impl Inner {
             socket: self.socket_path(&id),
             id,
         };
-        if envd && let Err(e) = self.await_envd(&sandbox, exit).await {
+        if envd && let Err(e) = self.await_envd(&sandbox, exit, control).await {
             guard.id = None;
             if let Err(cleanup) = self.destroy(&sandbox.id).await {
                 tracing::warn!(id = %sandbox.id, "cleaning up a failed start: {cleanup}");
@@ -266,10 +268,10 @@ impl Inner {
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
-    ) -> Result<(String, Child), Error> {
+    ) -> Result<(String, Child, UnixStream), Error> {
         let (id, run_dir) = self.new_run_dir()?;
         match self.clone_into(&id, &run_dir, rootfs, limits, config, stdio) {
-            Ok(child) => Ok((id, child)),
+            Ok((child, control)) => Ok((id, child, control)),
             Err(e) => {
                 let _ = self.cgroups.remove(&id);
                 let _ = fs::remove_dir_all(&run_dir);
@@ -312,7 +314,7 @@ impl Inner {
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
-    ) -> Result<Child, Error> {
+    ) -> Result<(Child, UnixStream), Error> {
         let log_path = run_dir.join("init.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -325,7 +327,7 @@ impl Inner {
             .write(true)
             .open("/dev/null")
             .ctx("open", Path::new("/dev/null"))?;
-        let (control, child_control) =
+        let (mut control, child_control) =
             UnixStream::pair().ctx("create a control socket for", run_dir)?;
         let (stdout, stderr) = match &stdio {
             Some((out, err)) => (out.as_fd(), err.as_fd()),
@@ -349,12 +351,19 @@ impl Inner {
             cgroup.as_ref().map(|fd| fd.as_fd()),
         )?;
         drop(child_control);
-        if let Err(e) = self.release(id, &child, control, rootfs, run_dir, config) {
-            let _ = kill(Pid::from_raw(child.pid), Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(child.pid), None);
-            return Err(e);
+        if let Err(e) = self.release(id, &child, &mut control, rootfs, run_dir, config) {
+            return Err(match spawn::kill(child.pid) {
+                // It died on its own (a broken init program, say), which says more than the
+                // broken pipe it left.
+                Some(status) if status.signal() != Some(libc::SIGKILL) => Error::DiedDuringStart {
+                    id: id.to_owned(),
+                    status,
+                    log: self.log_tail(id),
+                },
+                _ => e,
+            });
         }
-        Ok(child)
+        Ok((child, control))
     }
 
     /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories and config.
@@ -362,7 +371,7 @@ impl Inner {
         &self,
         id: &str,
         child: &Child,
-        mut control: UnixStream,
+        control: &mut UnixStream,
         rootfs: &Path,
         run_dir: &Path,
         config: &[u8],
@@ -392,9 +401,10 @@ impl Inner {
             open_dir(&self.stage)?,
             open_dir(run_dir)?,
         ];
-        Dirs::send(&control, &dirs).ctx("send the directories to the sandbox in", run_dir)?;
+        Dirs::send(control, &dirs).ctx("send the directories to the sandbox in", run_dir)?;
         control
             .write_all(config)
+            .and_then(|()| control.shutdown(std::net::Shutdown::Write))
             .ctx("send the configuration to the sandbox in", run_dir)
     }
 
@@ -403,9 +413,20 @@ impl Inner {
         &self,
         sandbox: &Sandbox,
         mut exit: watch::Receiver<Option<ExitStatus>>,
+        control: UnixStream,
     ) -> Result<(), Error> {
         let timeout = self.config.start_timeout;
         let started = Instant::now();
+        // The sandbox closes the control socket once built (envd's socket listens from then on)
+        // or when its init dies; the loop below tells which. Until then, pinging is pointless.
+        let built = async {
+            control.set_nonblocking(true)?;
+            let mut control = tokio::net::UnixStream::from_std(control)?;
+            let mut byte = [0u8; 1];
+            while control.read(&mut byte).await? != 0 {}
+            std::io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(timeout, built).await;
         let mut delay = Duration::from_millis(1);
         loop {
             if let Some(status) = *exit.borrow() {
@@ -456,9 +477,7 @@ impl Inner {
             return Err(Error::SandboxId(id.to_owned()));
         }
         let deadline = Instant::now() + KILL_TIMEOUT;
-        let mut delay = Duration::from_millis(1);
         while self.cgroups.populated(id)? {
-            self.cgroups.kill(id)?;
             if Instant::now() > deadline {
                 let cgroup = self.cgroups.tracking_dir(id);
                 return Err(Error::KillTimeout {
@@ -467,8 +486,13 @@ impl Inner {
                     timeout: KILL_TIMEOUT,
                 });
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
+            // Killing again is for hosts without cgroup.kill, where a process may have forked
+            // between the listing and the signal.
+            self.cgroups.kill(id)?;
+            let round = Instant::now() + KILL_ROUND;
+            self.cgroups
+                .until_empty(id, Duration::from_millis(2), Some(round.min(deadline)))
+                .await?;
         }
         // An init of ours is reaped by its watcher; wait for it so that no zombie outlives this.
         let exit = self.children().remove(id);
@@ -506,8 +530,8 @@ impl Inner {
             return;
         }
         // Started by an earlier run of the server: only its cgroup can tell.
-        while self.cgroups.populated(id).unwrap_or(false) {
-            tokio::time::sleep(ADOPTED_POLL).await;
+        if let Err(e) = self.cgroups.until_empty(id, ADOPTED_POLL, None).await {
+            tracing::warn!(%id, "cannot watch the sandbox's cgroup, taking it for dead: {e}");
         }
     }
 }
@@ -515,15 +539,13 @@ impl Inner {
 /// Reaps the sandbox's init when it exits (its pidfd turns readable) and publishes its status.
 fn watch_exit(child: Child) -> Result<watch::Receiver<Option<ExitStatus>>, Error> {
     let Child { pid, pidfd } = child;
-    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
-    // the AsyncFd's whole life.
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for the
+    // AsyncFd's whole life.
     let pidfd = match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
-            let e = e.into_parts().1;
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-            return Err(e).ctx("watch", Path::new(&format!("/proc/{pid}")));
+            spawn::kill(pid);
+            return Err(e.into_parts().1).ctx("watch", Path::new(&format!("/proc/{pid}")));
         }
     };
     let (sender, receiver) = watch::channel(None);
@@ -532,18 +554,15 @@ fn watch_exit(child: Child) -> Result<watch::Receiver<Option<ExitStatus>>, Error
             let Ok(mut ready) = pidfd.readable().await else {
                 return;
             };
-            let mut status = 0;
-            // SAFETY: waitpid writes the status to a local int; WNOHANG never blocks.
-            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            match reaped {
-                0 => ready.clear_ready(),
-                -1 => {
-                    tracing::warn!(pid, "sandbox init was reaped by someone else");
-                    sender.send_replace(Some(ExitStatus::from_raw(255 << 8)));
+            match spawn::reap(pid, false) {
+                Ok(None) => ready.clear_ready(),
+                Ok(Some(status)) => {
+                    sender.send_replace(Some(status));
                     return;
                 }
-                _ => {
-                    sender.send_replace(Some(ExitStatus::from_raw(status)));
+                Err(e) => {
+                    tracing::warn!(pid, "cannot reap a sandbox's init: {e}");
+                    sender.send_replace(Some(ExitStatus::from_raw(255 << 8)));
                     return;
                 }
             }

@@ -6,11 +6,14 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::process::ExitStatus;
 
 use libc::c_char;
 
 use crate::error::Error;
+use crate::init::CONTROL_FD;
 
 /// The namespaces every sandbox gets at birth. The cgroup namespace comes later, from
 /// `sandbox-init`, once the process sits in its own cgroups (so they become its root).
@@ -24,7 +27,7 @@ const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
 /// From linux/sched.h (libc's constant is an `i32`, too narrow for it).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// A started `sandbox-init`, stopped before `execve` until its config pipe says go.
+/// A started `sandbox-init`, held before its `execve` until the control socket says go.
 pub(crate) struct Child {
     pub pid: i32,
     /// Readable once the process has exited; never reused for another process.
@@ -96,6 +99,26 @@ pub(crate) fn clone_init(
     }
 }
 
+/// Reaps the cloned child `pid` if it has exited; with `block`, waits until it has.
+pub(crate) fn reap(pid: i32, block: bool) -> std::io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    // SAFETY: waitpid writes the status to a local int. The pid is this process's unreaped
+    // child, so it cannot have been reused.
+    match unsafe { libc::waitpid(pid, &mut status, flags) } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(ExitStatus::from_raw(status))),
+    }
+}
+
+/// Kills and reaps a cloned child given up on; returns how it ended.
+pub(crate) fn kill(pid: i32) -> Option<ExitStatus> {
+    // SAFETY: plain kill(2) of this process's unreaped child (so the pid is still its).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    reap(pid, true).ok().flatten()
+}
+
 /// The child between clone and execve.
 ///
 /// # Safety
@@ -134,7 +157,7 @@ unsafe fn child(p: &Prepared) -> ! {
 
         let mut go = 0u8;
         loop {
-            match libc::read(3, (&mut go as *mut u8).cast(), 1) {
+            match libc::read(CONTROL_FD, (&mut go as *mut u8).cast(), 1) {
                 1 => break,
                 -1 if *libc::__errno_location() == libc::EINTR => continue,
                 // The parent gave up on this sandbox.

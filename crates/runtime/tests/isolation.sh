@@ -88,11 +88,12 @@ expect "root cannot mount" bash -c '[[ $0 -ne 0 && "$1" == *"ermission denied"* 
 sandbox --root -- unshare -U -r true
 expect "root cannot make new namespaces" bash -c '[[ $0 -ne 0 ]]' "$CODE"
 
-sandbox --root -- sh -c 'grep -E "^Cap(Eff|Bnd)" /proc/self/status; echo 1 > /proc/sys/kernel/hostname; cat /proc/kcore | wc -c'
+sandbox --root -- sh -c 'grep -E "^Cap(Eff|Bnd)" /proc/self/status; echo 1 > /proc/sys/kernel/hostname
+    cat /proc/keys /proc/timer_list /proc/kcore 2>/dev/null | wc -c'
 expect "root keeps only the capabilities envd needs" \
     [ "$(head -2 <<<"$OUT")" = "$(printf 'CapEff:\t00000000000000fb\nCapBnd:\t00000000000000fb')" ]
 expect "/proc/sys is read-only" has "$ERR" "Read-only file system"
-expect "/proc/kcore is masked" bash -c '[[ $(tail -1 <<<"$0") == 0 ]]' "$OUT"
+expect "/proc/keys, /proc/timer_list, /proc/kcore are masked or absent" bash -c '[[ $(tail -1 <<<"$0") == 0 ]]' "$OUT"
 
 sandbox -- sh -c 'grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status'
 expect "user has no capabilities, no_new_privs and seccomp" \

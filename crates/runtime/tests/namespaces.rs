@@ -93,6 +93,16 @@ async fn wait_exit_sees_the_sandbox_die_on_its_own() {
         return;
     };
     let sandbox = f.backend.create(&f.spec()).await.unwrap();
+    // A restarted server watches it through its cgroup alone.
+    let restarted = Namespaces::new(f.config.clone()).unwrap();
+    let id = sandbox.id.clone();
+    let adopted = tokio::spawn(async move {
+        restarted.wait_exit(&id).await;
+        std::time::Instant::now()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let killed = std::time::Instant::now();
     for pid in sandbox_pids(&f.config.node_id, &sandbox.id) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
@@ -104,6 +114,15 @@ async fn wait_exit_sees_the_sandbox_die_on_its_own() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
+    let seen = tokio::time::timeout(Duration::from_secs(5), adopted)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "the restarted server saw the death after {:?}",
+        seen - killed
+    );
+
     f.backend.destroy(&sandbox.id).await.unwrap();
     assert!(f.backend.list().unwrap().is_empty());
 }
