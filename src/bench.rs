@@ -158,15 +158,17 @@ impl MemoryProbe {
     fn take(server_pid: u32, node: Option<&str>) -> anyhow::Result<MemoryProbe> {
         let sandboxes_kib = match node {
             None => 0,
-            Some(node) => [
-                format!("/sys/fs/cgroup/memory/burrow/{node}/memory.usage_in_bytes"),
-                format!("/sys/fs/cgroup/burrow/{node}/memory.current"),
-            ]
-            .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .context("cannot read the node's memory cgroup")?
-                / 1024,
+            Some(node) => {
+                [
+                    format!("/sys/fs/cgroup/memory/burrow/{node}/memory.usage_in_bytes"),
+                    format!("/sys/fs/cgroup/burrow/{node}/memory.current"),
+                ]
+                .iter()
+                .find_map(|p| std::fs::read_to_string(p).ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("cannot read the node's memory cgroup")?
+                    / 1024
+            }
         };
         Ok(MemoryProbe {
             sandboxes_kib,
