@@ -87,8 +87,27 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
 
 #[derive(clap::Subcommand)]
 pub enum EnvCommand {
-    /// List environments, whether this host can run them, and why not.
+    /// List environments, whether this host can run them and why not, and what they run from
+    /// (a built image's version, or the host).
     Ls {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Build an environment's self-contained Debian image from its definition
+    /// (`environments/NAME.toml` in the repository) with mmdebstrap, installed when missing.
+    /// An unchanged definition rebuilds nothing. Servers use a new image from their next
+    /// start; running sessions keep theirs. Ctrl-C cancels, leaving the previous image in
+    /// service.
+    Build {
+        /// The environment (`Python3`, `Nodejs`, ...).
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Build every built-in environment that can be built.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+        /// Build NAME from this definition file instead of its built-in one.
+        #[arg(long, requires = "name")]
+        file: Option<PathBuf>,
         #[command(flatten)]
         data: DataDir,
     },
@@ -99,14 +118,30 @@ pub fn env(cmd: EnvCommand) -> anyhow::Result<()> {
         EnvCommand::Ls { data } => {
             let dir = prepare_data_dir(&data.data_dir)?;
             let catalog = Catalog::load(&dir, burrow_runtime::RuntimeConfig::DEFAULT_UID_BASE)?;
-            println!("{:<10} {:<11} DETAILS", "NAME", "STATE");
+            println!("{:<10} {:<11} {:<18} DETAILS", "NAME", "STATE", "SOURCE");
             for env in catalog.list() {
-                match &env.availability {
-                    Ok(()) => println!("{:<10} {:<11}", env.name, "available"),
-                    Err(why) => println!("{:<10} {:<11} {why}", env.name, "unavailable"),
-                }
+                let (state, details) = match &env.availability {
+                    Ok(()) => ("available", ""),
+                    Err(why) => ("unavailable", why.as_str()),
+                };
+                println!(
+                    "{:<10} {state:<11} {:<18} {details}",
+                    env.name,
+                    env.source()
+                );
             }
         }
+        EnvCommand::Build {
+            name,
+            all,
+            file,
+            data,
+        } => crate::env_build::run(crate::env_build::Request {
+            name,
+            all,
+            file,
+            data_dir: data.data_dir,
+        })?,
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod env_build;
 mod sandbox_cmd;
 mod serve;
 
@@ -25,7 +26,7 @@ enum Command {
     /// Create, list and revoke API keys (works while the server runs).
     #[command(subcommand)]
     Keys(cli::KeysCommand),
-    /// List environments and whether this host can run them.
+    /// List environments and whether this host can run them; build their images.
     #[command(subcommand)]
     Env(cli::EnvCommand),
     /// Create, list and delete sessions through a running server's API.

@@ -228,7 +228,7 @@ fn chown_tree(path: &Path, uid_base: u32) -> Result<(), Error> {
 
 /// The generated `/etc`: accounts of the sandbox only, localhost networking, a login profile.
 fn etc_files() -> Vec<(&'static str, String)> {
-    vec![
+    let mut files = vec![
         (
             "passwd",
             "root:x:0:0:root:/root:/bin/bash\n\
@@ -239,18 +239,6 @@ fn etc_files() -> Vec<(&'static str, String)> {
         (
             "group",
             "root:x:0:\ntty:x:5:\nusers:x:100:user\nuser:x:1000:\nnogroup:x:65534:\n".into(),
-        ),
-        (
-            "hosts",
-            format!(
-                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
-                 127.0.1.1\t{HOSTNAME}\n"
-            ),
-        ),
-        ("hostname", format!("{HOSTNAME}\n")),
-        (
-            "resolv.conf",
-            "# Sandboxes have no network beyond loopback.\nnameserver 127.0.0.1\n".into(),
         ),
         (
             "nsswitch.conf",
@@ -281,35 +269,36 @@ fn etc_files() -> Vec<(&'static str, String)> {
             "/bin/sh\n/bin/bash\n/usr/bin/sh\n/usr/bin/bash\n".into(),
         ),
         ("timezone", "Etc/UTC\n".into()),
+    ];
+    files.extend(network_files());
+    files
+}
+
+/// The `/etc` files every sandbox's root needs, whatever it is built from: its host name and
+/// loopback-only name resolution (a sandbox has no network beyond `lo`). Built images get them
+/// too, replacing the build host's copies that `mmdebstrap` leaves.
+pub(crate) fn network_files() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+                 127.0.1.1\t{HOSTNAME}\n"
+            ),
+        ),
+        ("hostname", format!("{HOSTNAME}\n")),
+        (
+            "resolv.conf",
+            "# Sandboxes have no network beyond loopback.\nnameserver 127.0.0.1\n".into(),
+        ),
     ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::Scratch;
     use std::os::unix::fs::MetadataExt;
-
-    /// A scratch directory removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            let path = std::env::temp_dir().join(format!(
-                "burrow-environments-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = fs::remove_dir_all(&path);
-            fs::create_dir_all(&path).unwrap();
-            Scratch(path)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// A fake merged-/usr host with a few /etc entries, secrets included.
     fn fake_host(root: &Path) {

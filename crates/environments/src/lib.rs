@@ -1,17 +1,30 @@
 //! Environments: the named root filesystems sessions start from (`Python3`, `Nodejs`, ...).
 //! Owns their definitions and on-disk layout; starts nothing.
 //!
-//! The zero-setup default: every built-in environment shares one generated lower root filesystem
-//! (`<data>/environments/host/rootfs`, a minimal `/etc`, a home, mount points) and sees the host's
-//! `/usr` and a few harmless files of its `/etc` through read-only binds. An environment whose
-//! programs the host lacks is listed as unavailable, with what to install.
+//! An environment runs from its built image when there is one: a self-contained Debian root
+//! filesystem made by `burrow env build` from the environment's definition
+//! (`environments/<Name>.toml`, see [`definition`] and [`build`]), versioned and
+//! garbage-collected under `<data>/environments/images` (see [`images`]).
+//!
+//! Otherwise, the zero-setup default: every built-in environment shares one generated lower root
+//! filesystem (`<data>/environments/host/rootfs`, a minimal `/etc`, a home, mount points) and
+//! sees the host's `/usr` and a few harmless files of its `/etc` through read-only binds. An
+//! environment whose programs the host lacks is listed as unavailable, with what to install.
 
+pub mod build;
+pub mod definition;
 mod host;
+pub mod images;
+mod sources;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+pub use definition::Definition;
+pub use images::{Image, Images};
 
 /// The hostname of every sandbox; the generated `/etc/hosts` and `/etc/hostname` name it.
 pub const HOSTNAME: &str = "sandbox";
@@ -51,8 +64,30 @@ pub struct Environment {
     pub user: User,
     /// Base environment of every process (PATH, LANG, ...).
     pub env: Vec<(String, String)>,
+    /// Where commands start by default.
+    pub workdir: PathBuf,
     /// `Err(what to do)` when this host cannot run the environment.
     pub availability: Result<(), String>,
+    /// The built image `rootfs` belongs to, held in use while this lives; `None` for the
+    /// host-based default.
+    pub image: Option<Image>,
+}
+
+impl Environment {
+    /// A lock that keeps the environment's image version from garbage collection for as long as
+    /// the descriptor (or any copy of it) stays open: a sandbox's init holds it for the
+    /// sandbox's life. `None` for the host-based default, which is never collected.
+    pub fn pin(&self) -> Result<Option<OwnedFd>, Error> {
+        self.image.as_ref().map(Image::pin).transpose()
+    }
+
+    /// `image <version>` or `host`, for listings.
+    pub fn source(&self) -> String {
+        match &self.image {
+            Some(image) => format!("image {}", image.version),
+            None => "host".into(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +109,40 @@ pub enum Error {
          each other's envd sockets and the server's files; use a data dir outside {bind}"
     )]
     DataDirVisible { data_dir: PathBuf, bind: PathBuf },
+    #[error("{origin}: {message}")]
+    Definition { origin: String, message: String },
+    #[error(
+        "unknown environment {name:?}: the built-in environments are {known} (or give a \
+         definition file with --file)"
+    )]
+    UnknownEnvironment { name: String, known: String },
+    #[error("{name} cannot be built: {reason}")]
+    Unbuildable { name: String, reason: String },
+    #[error("another build or cleanup of {name} is running; wait for it to finish")]
+    Busy { name: String },
+    #[error("cannot find a Debian mirror in the host's apt sources: {detail}")]
+    NoMirror { detail: String },
+    #[error(
+        "refusing to delete {path}: {mount} is mounted inside it (unmount it first, or it would \
+         delete the mounted files too)"
+    )]
+    MountedInside { path: PathBuf, mount: PathBuf },
+    #[error("step {step} failed ({status}){}", quote_tail(tail))]
+    StepFailed {
+        step: String,
+        status: String,
+        tail: String,
+    },
+    #[error("cancelled during step {step:?}; the previous version stays current")]
+    Cancelled { step: String },
+}
+
+fn quote_tail(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; the end of its output:\n{tail}")
+    }
 }
 
 /// Adds the failed action and its path to an `io::Error`.
@@ -91,12 +160,13 @@ impl<T> IoContext<T> for std::io::Result<T> {
     }
 }
 
-/// A built-in environment of the SDK: its name, the programs it needs from the host, and the
-/// Debian package that provides them.
+/// A built-in environment of the SDK: its name, the programs it needs from the host, the
+/// Debian package that provides them, and its image definition (`environments/<name>.toml`).
 struct Builtin {
     name: &'static str,
     programs: &'static [&'static str],
     install: &'static str,
+    definition: &'static str,
 }
 
 /// The built-in names of the SDK, defined once.
@@ -105,46 +175,55 @@ const BUILTINS: &[Builtin] = &[
         name: "Nodejs",
         programs: &["node"],
         install: "Debian's nodejs",
+        definition: include_str!("../../../environments/Nodejs.toml"),
     },
     Builtin {
         name: "Bash",
         programs: &["bash"],
         install: "Debian's bash",
+        definition: include_str!("../../../environments/Bash.toml"),
     },
     Builtin {
         name: "Python3",
         programs: &["python3"],
         install: "Debian's python3",
+        definition: include_str!("../../../environments/Python3.toml"),
     },
     Builtin {
         name: "Java",
         programs: &["java"],
         install: "Debian's default-jre-headless",
+        definition: include_str!("../../../environments/Java.toml"),
     },
     Builtin {
         name: "Go",
         programs: &["go"],
         install: "Debian's golang-go",
+        definition: include_str!("../../../environments/Go.toml"),
     },
     Builtin {
         name: "Rust",
         programs: &["rustc", "cargo"],
         install: "Debian's rustc and cargo",
+        definition: include_str!("../../../environments/Rust.toml"),
     },
     Builtin {
         name: "PHP",
         programs: &["php"],
         install: "Debian's php-cli",
+        definition: include_str!("../../../environments/PHP.toml"),
     },
     Builtin {
         name: "Perl",
         programs: &["perl"],
         install: "Debian's perl",
+        definition: include_str!("../../../environments/Perl.toml"),
     },
     Builtin {
         name: "DotNET",
         programs: &["dotnet"],
         install: "Microsoft's dotnet-sdk-8.0 package",
+        definition: include_str!("../../../environments/DotNET.toml"),
     },
 ];
 
@@ -158,28 +237,54 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Loads the built-in environments, (re)generating their shared root filesystem under
-    /// `<data_dir>/environments/host` when it is missing or was made by another generator version.
-    /// `uid_base` is the host uid of a sandbox's root; the rootfs is owned by the mapped ids.
+    /// Loads the built-in environments: each from the current version of its built image if it
+    /// has one (taking that version into use for the catalog's life), else from the host-based
+    /// default, (re)generating the shared root filesystem under `<data_dir>/environments/host`
+    /// when it is missing or was made by another generator version. Then deletes image versions
+    /// nothing uses any more. `uid_base` is the host uid of a sandbox's root; root filesystems
+    /// are owned by the mapped ids.
     pub fn load(data_dir: &Path, uid_base: u32) -> Result<Catalog, Error> {
         validate_uid_base(uid_base)?;
         let data_dir = std::path::absolute(data_dir).ctx("resolve", data_dir)?;
         let layout = host::Layout::of_host(Path::new("/"));
         check_hidden(&data_dir, &layout.binds)?;
         let rootfs = host::ensure_rootfs(&data_dir.join("environments/host"), uid_base, &layout)?;
+        let images = Images::new(&data_dir);
         let environments = BUILTINS
             .iter()
             .map(|builtin| {
+                if let Some(image) = current_image(&images, builtin.name, uid_base) {
+                    return Arc::new(from_image(builtin.name, image));
+                }
                 Arc::new(Environment {
                     name: builtin.name.to_owned(),
                     rootfs: rootfs.clone(),
                     binds: layout.binds.clone(),
                     user: default_user(),
                     env: default_env(),
+                    workdir: default_user().home,
                     availability: availability(builtin, PROGRAM_DIRS),
+                    image: None,
                 })
             })
             .collect();
+        // After the versions above are held: a collection never takes what is in use.
+        match images.collect_all() {
+            Ok(collected) => {
+                for (name, done) in collected {
+                    if !done.removed.is_empty() || done.leftovers > 0 {
+                        tracing::info!(
+                            environment = %name,
+                            removed = ?done.removed,
+                            in_use = ?done.in_use,
+                            leftovers = done.leftovers,
+                            "collected unused image versions"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot collect unused image versions: {e}"),
+        }
         Ok(Catalog { environments })
     }
 
@@ -189,6 +294,72 @@ impl Catalog {
 
     pub fn list(&self) -> &[Arc<Environment>] {
         &self.environments
+    }
+}
+
+/// The definition of a built-in environment (compiled in from `environments/<name>.toml`).
+pub fn builtin_definition(name: &str) -> Option<(&'static str, Result<Definition, Error>)> {
+    let builtin = BUILTINS.iter().find(|b| b.name == name)?;
+    let origin = format!("environments/{}.toml", builtin.name);
+    Some((
+        builtin.definition,
+        Definition::parse(builtin.name, &origin, builtin.definition),
+    ))
+}
+
+/// The names of the built-in environments, in the SDK's order.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTINS.iter().map(|b| b.name)
+}
+
+/// The current image of `name` if it was built for this uid base; problems are logged and mean
+/// the host-based default.
+fn current_image(images: &Images, name: &str, uid_base: u32) -> Option<Image> {
+    match images.current(name) {
+        Ok(Some(image)) if image.uid_base == uid_base => Some(image),
+        Ok(Some(image)) => {
+            tracing::warn!(
+                environment = name,
+                version = %image.version,
+                "the image was built for uid base {}, not {uid_base}; using the host-based \
+                 default (rebuild it with `burrow env build {name}`)",
+                image.uid_base
+            );
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(
+                environment = name,
+                "cannot use the built image: {e}; using the host-based default"
+            );
+            None
+        }
+    }
+}
+
+/// An environment served from its built image: the image's own `/usr` and `/etc` (no binds), its
+/// definition's user, variables and working directory.
+fn from_image(name: &str, image: Image) -> Environment {
+    let recipe = &image.recipe;
+    let mut env: Vec<(String, String)> = default_env()
+        .into_iter()
+        .map(|(key, value)| match key.as_str() {
+            "SHELL" => (key, recipe.user.shell.display().to_string()),
+            _ => (key, value),
+        })
+        .filter(|(key, _)| !recipe.env.contains_key(key))
+        .collect();
+    env.extend(recipe.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Environment {
+        name: name.to_owned(),
+        rootfs: image.rootfs(),
+        binds: Vec::new(),
+        user: recipe.user.clone(),
+        env,
+        workdir: recipe.workdir.clone(),
+        availability: Ok(()),
+        image: Some(image),
     }
 }
 
@@ -263,6 +434,14 @@ fn availability(builtin: &Builtin, dirs: &[&str]) -> Result<(), String> {
             outside.join(", ")
         ));
     }
+    match Definition::parse(builtin.name, builtin.name, builtin.definition).map(|d| d.recipe) {
+        Ok(Ok(_)) => reason.push_str(&format!(
+            "; or build its image: burrow env build {}",
+            builtin.name
+        )),
+        Ok(Err(why)) => reason.push_str(&format!("; it has no image either: {why}")),
+        Err(_) => {}
+    }
     Err(reason)
 }
 
@@ -296,8 +475,116 @@ fn which_outside_usr(program: &str) -> Option<PathBuf> {
 }
 
 #[cfg(test)]
+pub(crate) mod test_support {
+    use std::fs;
+    use std::path::PathBuf;
+
+    /// A scratch directory removed on drop.
+    pub struct Scratch(pub PathBuf);
+
+    impl Scratch {
+        pub fn new(tag: &str) -> Scratch {
+            let path = std::env::temp_dir().join(format!(
+                "burrow-environments-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_builtin_has_a_valid_definition() {
+        for name in builtin_names() {
+            let (text, definition) = builtin_definition(name).unwrap();
+            let definition = definition.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!text.is_empty());
+            match (name, &definition.recipe) {
+                ("DotNET", Err(why)) => assert!(why.contains("Debian has no .NET"), "{why}"),
+                (_, Ok(recipe)) => assert_eq!(recipe.user, default_user(), "{name}"),
+                (_, Err(why)) => panic!("{name} is unavailable: {why}"),
+            }
+        }
+        let toolchains = [
+            ("Python3", "python3-pip"),
+            ("Nodejs", "npm"),
+            ("Go", "golang-go"),
+            ("Rust", "cargo"),
+            ("PHP", "php-cli"),
+            ("Perl", "perl"),
+            ("Java", "default-jdk-headless"),
+        ];
+        for (name, package) in toolchains {
+            let recipe = builtin_definition(name).unwrap().1.unwrap().recipe.unwrap();
+            assert!(recipe.packages.iter().any(|p| p == package), "{name}");
+        }
+        assert!(builtin_definition("Cobol").is_none());
+    }
+
+    #[test]
+    fn an_image_environment_uses_the_definition() {
+        let scratch = test_support::Scratch::new("catalog-image");
+        let images = Images::new(&scratch.0);
+        let recipe = Definition::parse(
+            "Go",
+            "Go.toml",
+            "suite = \"bookworm\"\nworkdir = \"/srv\"\n[env]\nGOPATH = \"/go\"\nLANG = \"C\"\n\
+             [user]\nname = \"gopher\"\nshell = \"/bin/sh\"\n",
+        )
+        .unwrap()
+        .recipe
+        .unwrap();
+        let dir = images.env_dir("Go").join("0123456789ab");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        images::create_version_lock(&dir).unwrap();
+        let metadata = images::Metadata::new("Go", "0123456789ab", 100_000, &recipe);
+        std::fs::write(
+            dir.join("image.json"),
+            serde_json::to_string(&metadata).unwrap(),
+        )
+        .unwrap();
+        let lock = images.try_lock("Go").unwrap().unwrap();
+        images.set_current("Go", "0123456789ab", &lock).unwrap();
+        drop(lock);
+
+        assert!(
+            current_image(&images, "Go", 200_000).is_none(),
+            "other uid base"
+        );
+        let environment = from_image("Go", current_image(&images, "Go", 100_000).unwrap());
+        assert_eq!(environment.rootfs, dir.join("rootfs"));
+        assert!(environment.binds.is_empty());
+        assert_eq!(environment.user.name, "gopher");
+        assert_eq!(environment.workdir, Path::new("/srv"));
+        assert_eq!(environment.source(), "image 0123456789ab");
+        assert!(environment.pin().unwrap().is_some());
+        let get = |key: &str| {
+            let values: Vec<&str> = environment
+                .env
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            values.join(",")
+        };
+        assert_eq!(get("PATH"), PATH);
+        assert_eq!(get("LANG"), "C", "the definition's value, once");
+        assert_eq!(get("SHELL"), "/bin/sh");
+        assert_eq!(get("GOPATH"), "/go");
+    }
 
     #[test]
     fn builtin_names_are_the_sdks() {

@@ -37,7 +37,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, SetupContext};
 
 /// The control socket from the server: a go byte (taken before the `execve`), one byte carrying
-/// the three directories of [`Dirs`] (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
+/// the three directories of [`Dirs`] and, for an environment built as an image, its version's
+/// pin (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
 /// The sandbox closes it once built, which tells the server that envd's socket is listening.
 pub const CONTROL_FD: RawFd = 3;
 
@@ -53,6 +54,8 @@ pub struct InitConfig {
     pub binds: Vec<Bind>,
     pub user: User,
     pub env: Vec<(String, String)>,
+    /// Where the user's commands start.
+    pub workdir: PathBuf,
     /// Run this command instead of envd (`burrow sandbox-run`).
     pub exec: Option<Exec>,
 }
@@ -106,13 +109,22 @@ pub struct Dirs {
     stage: OwnedFd,
     /// The sandbox's run directory, where envd's socket goes.
     run: OwnedFd,
+    /// A shared lock on the image version the rootfs belongs to (see
+    /// `burrow_environments::images`): held until this process, PID 1, exits, so the version is
+    /// in use exactly as long as the sandbox lives.
+    pin: Option<OwnedFd>,
     control: UnixStream,
 }
 
 impl Dirs {
-    /// Sends rootfs, stage and run directory, in this order, as [`receive`] takes them.
-    pub(crate) fn send(socket: &impl AsRawFd, dirs: &[OwnedFd; 3]) -> nix::Result<()> {
-        let fds = dirs.each_ref().map(AsRawFd::as_raw_fd);
+    /// Sends rootfs, stage and run directory, in this order, then the image's pin if there is
+    /// one, as [`receive`] takes them.
+    pub(crate) fn send(
+        socket: &impl AsRawFd,
+        dirs: &[OwnedFd; 3],
+        pin: Option<&OwnedFd>,
+    ) -> nix::Result<()> {
+        let fds: Vec<RawFd> = dirs.iter().chain(pin).map(AsRawFd::as_raw_fd).collect();
         let data = [std::io::IoSlice::new(b"d")];
         let rights = [ControlMessage::ScmRights(&fds)];
         sendmsg::<()>(socket.as_raw_fd(), &data, &rights, MsgFlags::empty(), None).map(drop)
@@ -126,7 +138,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
     let socket = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     let step = || "receive the directories from the server".to_owned();
     let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut data = [std::io::IoSliceMut::new(&mut byte)];
     let message = recvmsg::<()>(
         socket.as_raw_fd(),
@@ -146,9 +158,14 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
             received.push(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
+    let pin = if received.len() == 4 {
+        received.pop()
+    } else {
+        None
+    };
     let [rootfs, stage, run]: [OwnedFd; 3] = received
         .try_into()
-        .map_err(|_| std::io::Error::other("expected three directories"))
+        .map_err(|_| std::io::Error::other("expected three directories (and a pin, for an image)"))
         .step(step)?;
     let config =
         serde_json::from_reader(std::io::BufReader::new(&socket)).map_err(Error::Config)?;
@@ -156,6 +173,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
         rootfs,
         stage,
         run,
+        pin,
         control: socket,
     };
     Ok((config, dirs))
@@ -176,8 +194,12 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
         rootfs,
         stage,
         run,
+        pin,
         control,
     } = dirs;
+    // Never closed: the lock goes when this process (PID 1) exits, and with it the sandbox.
+    // The descriptor is close-on-exec, so no process the sandbox runs inherits it.
+    std::mem::forget(pin);
     // Executed as /proc/self/exe, the process would be called "exe" in `ps`.
     nix::sys::prctl::set_name(c"burrow-init").step(|| "name the process".into())?;
 
@@ -483,14 +505,15 @@ pub fn run_command(config: &InitConfig, exec: &Exec) -> Result<i32, Error> {
             source: std::io::Error::other("the command is empty"),
         });
     };
-    let (uid, gid, name, home) = if exec.as_root {
-        (0, 0, "root", Path::new("/root"))
+    let (uid, gid, name, home, workdir) = if exec.as_root {
+        (0, 0, "root", Path::new("/root"), Path::new("/root"))
     } else {
         (
             config.user.uid,
             config.user.gid,
             config.user.name.as_str(),
             config.user.home.as_path(),
+            config.workdir.as_path(),
         )
     };
     let spawned = std::process::Command::new(program)
@@ -500,7 +523,7 @@ pub fn run_command(config: &InitConfig, exec: &Exec) -> Result<i32, Error> {
         .env("HOME", home)
         .env("USER", name)
         .env("LOGNAME", name)
-        .current_dir(home)
+        .current_dir(workdir)
         .gid(gid)
         .uid(uid)
         .spawn();
@@ -695,6 +718,7 @@ mod tests {
                 shell: "/bin/bash".into(),
             },
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            workdir: "/home/user".into(),
             exec: Some(Exec {
                 argv: vec!["id".into(), "-u".into()],
                 as_root: false,

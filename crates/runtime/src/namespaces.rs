@@ -224,8 +224,11 @@ impl Inner {
             binds: environment.binds.clone(),
             user: environment.user.clone(),
             env: environment.env.clone(),
+            workdir: environment.workdir.clone(),
             exec,
         };
+        // Taken before the clone: the sandbox holds it from its start to its end.
+        let pin = environment.pin()?;
         let config = serde_json::to_vec(&config).expect("the init config serializes");
         let started = Instant::now();
 
@@ -233,7 +236,7 @@ impl Inner {
         let rootfs = environment.rootfs.clone();
         let limits = spec.limits;
         let (id, child, control) = tokio::task::spawn_blocking(move || {
-            inner.start_blocking(&rootfs, &limits, &config, stdio)
+            inner.start_blocking(&rootfs, pin.as_ref(), &limits, &config, stdio)
         })
         .await
         .expect("the sandbox start does not panic")?;
@@ -265,12 +268,13 @@ impl Inner {
     fn start_blocking(
         &self,
         rootfs: &Path,
+        pin: Option<&OwnedFd>,
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
     ) -> Result<(String, Child, UnixStream), Error> {
         let (id, run_dir) = self.new_run_dir()?;
-        match self.clone_into(&id, &run_dir, rootfs, limits, config, stdio) {
+        match self.clone_into(&id, &run_dir, (rootfs, pin), limits, config, stdio) {
             Ok((child, control)) => Ok((id, child, control)),
             Err(e) => {
                 let _ = self.cgroups.remove(&id);
@@ -310,7 +314,7 @@ impl Inner {
         &self,
         id: &str,
         run_dir: &Path,
-        rootfs: &Path,
+        rootfs: (&Path, Option<&OwnedFd>),
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
@@ -366,13 +370,14 @@ impl Inner {
         Ok((child, control))
     }
 
-    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories and config.
+    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories (and the
+    /// rootfs's image pin) and config.
     fn release(
         &self,
         id: &str,
         child: &Child,
         control: &mut UnixStream,
-        rootfs: &Path,
+        (rootfs, pin): (&Path, Option<&OwnedFd>),
         run_dir: &Path,
         config: &[u8],
     ) -> Result<(), Error> {
@@ -401,7 +406,7 @@ impl Inner {
             open_dir(&self.stage)?,
             open_dir(run_dir)?,
         ];
-        Dirs::send(control, &dirs).ctx("send the directories to the sandbox in", run_dir)?;
+        Dirs::send(control, &dirs, pin).ctx("send the directories to the sandbox in", run_dir)?;
         control
             .write_all(config)
             .and_then(|()| control.shutdown(std::net::Shutdown::Write))
