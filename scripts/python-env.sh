@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Creates the Python venvs the end-to-end tests run in, one per pinned e2b SDK release:
+# Creates the Python venvs the end-to-end tests run in, one per pinned e2b SDK release, and one
+# for the schema fuzzer:
 #
-#   .venv/e2b-0.3.0   .venv/e2b-0.8.0   .venv/e2b-0.9.7
+#   .venv/e2b-0.3.0   .venv/e2b-0.8.0   .venv/e2b-0.9.7   .venv/fuzz
 #
-# each holding exactly the set in tests/constraints/e2b-<version>.txt (the SDK, its dependencies,
-# pytest and pytest-timeout). Idempotent: a venv whose stamp (hash of its constraints file, of this
-# script's layout version and of the interpreter) still matches is left alone, so a second run
-# takes well under a second. Needs Python 3.11 (the 0.8.0 SDK breaks on newer asyncio) and PyPI.
+# each holding exactly the set in tests/constraints/<name>.txt (the SDK or schemathesis, their
+# dependencies, pytest and pytest-timeout). Idempotent: a venv whose stamp (hash of its constraints
+# file, of this script's layout version and of the interpreter) still matches is left alone, so a
+# second run takes well under a second. Needs Python 3.11 (the 0.8.0 SDK breaks on newer asyncio)
+# and PyPI.
 #
 # Environment: BURROW_VENV_DIR (default <repo>/.venv), BURROW_PYTHON (force an interpreter).
 set -euo pipefail
@@ -123,6 +125,33 @@ build_venv() {
     log "e2b-$version: ready"
 }
 
+# The schemathesis venv (tests/fuzz): same stamp scheme as the SDK venvs.
+build_fuzz_venv() {
+    local python="$1"
+    local venv="$VENV_DIR/fuzz"
+    local constraints="$CONSTRAINTS_DIR/fuzz.txt"
+    local stamp_file="$venv/.burrow-stamp"
+    local probe='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("schemathesis", "pytest", "pytest_timeout")))'
+    local want version
+    [[ -f "$constraints" ]] || { log "missing $constraints"; return 1; }
+    want="$(stamp_of "$constraints" "$python")"
+
+    if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$want" ]] &&
+        "$venv/bin/python" -c "$probe" >/dev/null 2>&1; then
+        log "fuzz: up to date"
+        return 0
+    fi
+
+    version="$(sed -n 's/^schemathesis==//p' "$constraints")"
+    log "fuzz: building $venv with $python (schemathesis $version)"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --no-input --disable-pip-version-check \
+        --constraint "$constraints" "schemathesis==$version" pytest pytest-timeout
+    printf '%s\n' "$want" >"$stamp_file"
+    log "fuzz: ready"
+}
+
 main() {
     local python
     python="$(pick_python)"
@@ -130,6 +159,7 @@ main() {
     for v in "${SDK_VERSIONS[@]}"; do
         build_venv "$v" "$python"
     done
+    build_fuzz_venv "$python"
 }
 
 main "$@"

@@ -4,8 +4,9 @@
 #   1. Python venvs for the end-to-end tests (scripts/python-env.sh)
 #   2. cargo fmt --check, clippy -D warnings, build, test
 #   3. crates/runtime/tests/isolation.sh (if present)
-#   4. pytest tests/e2e (REST/CLI/restarts, e2b 0.9.7 venv)
-#   5. pytest tests/sdk once per SDK venv (0.3.0, 0.8.0, 0.9.7), concurrently
+#   4. pytest tests/e2e (REST/CLI/restarts, escape attempts, abuse; e2b 0.9.7 venv)
+#   5. pytest tests/fuzz (schemathesis against /openapi.json, fuzz venv)
+#   6. pytest tests/sdk once per SDK venv (0.3.0, 0.8.0, 0.9.7), concurrently
 #
 # Every step runs even if an earlier one failed (except when there is nothing to test: no venvs,
 # no binary); a summary follows and the exit status is non-zero if any step failed.
@@ -122,6 +123,15 @@ if ((PY_OK && BUILD_OK)); then
     if ((rc == 0)); then record "pytest e2e" ok $((SECONDS - t0)); else
         record "pytest e2e" "FAILED (exit $rc)" $((SECONDS - t0)); fi
 
+    fuzz_log="$LOG_DIR/fuzz.log"
+    t0=$SECONDS
+    banner "pytest tests/fuzz (schemathesis, fuzz venv) > $fuzz_log"
+    rc=0
+    pytest_run fuzz fuzz "$fuzz_log" tests/fuzz || rc=$?
+    cat "$fuzz_log"
+    if ((rc == 0)); then record "pytest fuzz" ok $((SECONDS - t0)); else
+        record "pytest fuzz" "FAILED (exit $rc)" $((SECONDS - t0)); fi
+
     banner "pytest tests/sdk with e2b ${SDK_VERSIONS[*]} ($SDK_JOBS at a time)"
     declare -A PIDS=() STARTS=()
     collect_one() { # version
@@ -149,7 +159,7 @@ if ((PY_OK && BUILD_OK)); then
         collect_one "$v"
     done
 else
-    record "pytest e2e + sdk" "FAILED (not run: $( ((PY_OK)) || printf 'no venvs ')$( ((BUILD_OK)) || printf 'no build'))" 0
+    record "pytest e2e + fuzz + sdk" "FAILED (not run: $( ((PY_OK)) || printf 'no venvs ')$( ((BUILD_OK)) || printf 'no build'))" 0
 fi
 
 summary

@@ -70,7 +70,7 @@ struct Server {
 }
 
 impl Server {
-    async fn start(pool_size: usize) -> anyhow::Result<Server> {
+    async fn start(pool_size: usize, env: &str) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -80,12 +80,20 @@ impl Server {
             std::fs::File::create(std::env::temp_dir().join(format!("burrow-bench-{port}.log")))?;
         let child = tokio::process::Command::new("/proc/self/exe")
             .args(["serve", "--auth", "off", "--session-ttl", "30m"])
+            .args([
+                "--max-sessions",
+                "100000",
+                "--max-sessions-per-team",
+                "100000",
+            ])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--pool-size")
             .arg(pool_size.to_string())
+            .arg("--pool-environments")
+            .arg(env)
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -131,9 +139,27 @@ impl Server {
         self.child.id().unwrap_or(0)
     }
 
-    /// Gives the pool time to refill (one sandbox start is a few milliseconds).
-    async fn settle(&self) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Waits until the warm pool holds `n` ready sandboxes of `env` (from `/metrics`).
+    async fn wait_pool(&self, env: &str, n: usize) -> anyhow::Result<()> {
+        let gauge = format!("burrow_pool_ready{{environment=\"{env}\"}} ");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, body) = self
+                .client
+                .request(burrow_client::Method::GET, "/metrics", None, None)
+                .await?;
+            let ready = String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|l| l.strip_prefix(&gauge)?.parse::<usize>().ok())
+                .unwrap_or(0);
+            if ready >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the pool did not fill to {n} within 120 s (at {ready})");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -220,7 +246,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     // Without the pool: every create starts a sandbox.
-    let server = Server::start(0).await?;
+    let server = Server::start(0, env).await?;
     let client = &server.client;
     let (mut create, mut destroy) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -335,20 +361,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     server.stop().await?;
 
     // From the pool: each create takes a ready sandbox; the pool refills between rounds.
-    let server = Server::start(2).await?;
+    const POOL: usize = 2;
+    let server = Server::start(POOL, env).await?;
     let client = &server.client;
-    server.settle().await;
     let (mut create, mut tti) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
+        server.wait_pool(env, POOL).await?;
         let t = Instant::now();
         let s = client.create_session(env).await?;
         create.push(t.elapsed());
         client.delete_session(&s.session_id).await?;
-        server.settle().await;
+        server.wait_pool(env, POOL).await?;
         let (took, s) = time_to_interactive(client, env).await?;
         tti.push(took);
         client.delete_session(&s.session_id).await?;
-        server.settle().await;
     }
     row(
         "create → ready, from the pool (POST /sessions)",
@@ -356,6 +382,33 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     row(
         "time to interactive, from the pool, sequential",
+        &Samples::new(tti),
+    );
+    server.stop().await?;
+
+    // A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
+    let server = Server::start(args.concurrent, env).await?;
+    server.wait_pool(env, args.concurrent).await?;
+    let client = Arc::new(Client::new(
+        &format!("http://{}", server.client.addr()),
+        None,
+    )?);
+    let tasks: Vec<_> = (0..args.concurrent)
+        .map(|_| {
+            let client = client.clone();
+            let env = env.to_string();
+            tokio::spawn(async move { time_to_interactive(&client, &env).await })
+        })
+        .collect();
+    let mut tti = Vec::new();
+    for t in tasks {
+        tti.push(t.await??.0);
+    }
+    row(
+        &format!(
+            "time to interactive, pool of {0}, {0} at once",
+            args.concurrent
+        ),
         &Samples::new(tti),
     );
     server.stop().await?;

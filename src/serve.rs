@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Ready sandboxes kept per available environment, so creates are instant.
     #[arg(long, default_value_t = 2)]
     pool_size: usize,
+    /// Comma-separated environments the pool keeps ready (default: every available one).
+    #[arg(long, value_delimiter = ',', value_name = "ENV,...")]
+    pool_environments: Option<Vec<String>>,
     /// Memory limit per sandbox (e.g. 512MiB, 2GiB).
     #[arg(long, default_value = "512MiB", value_parser = parse_bytes)]
     memory: u64,
@@ -54,6 +57,43 @@ pub struct ServeArgs {
     /// Relative CPU weight per sandbox (1-10000; 100 is an equal share).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
     cpu_weight: u64,
+    /// Live sessions this server runs at most; creates beyond it get 429.
+    #[arg(long, default_value_t = 2000)]
+    max_sessions: usize,
+    /// Live sessions one team runs at most; creates beyond it get 429.
+    #[arg(long, default_value_t = 500)]
+    max_sessions_per_team: usize,
+    /// Limits of one environment, overriding the ones above for its sandboxes; repeatable.
+    /// E.g. `--environment-limits Java:memory=2GiB,pids=1024`.
+    #[arg(long, value_name = "ENV:KEY=VALUE,...")]
+    environment_limits: Vec<String>,
+}
+
+/// Parses `ENV:memory=…,pids=…,disk=…,cpu-weight=…` on top of the server-wide `base`.
+fn environment_limits(spec: &str, base: Limits) -> anyhow::Result<(String, Limits)> {
+    let (env, pairs) = spec
+        .split_once(':')
+        .with_context(|| format!("--environment-limits {spec:?}: expected ENV:KEY=VALUE,..."))?;
+    let mut limits = base;
+    for pair in pairs.split(',') {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--environment-limits {spec:?}: {pair:?} is not KEY=VALUE"))?;
+        let bad = |e: String| anyhow::anyhow!("--environment-limits {spec:?}: {e}");
+        match key {
+            "memory" => limits.memory_bytes = parse_bytes(value).map_err(bad)?,
+            "disk" => limits.disk_bytes = parse_bytes(value).map_err(bad)?,
+            "pids" => limits.pids = value.parse().map_err(|e| bad(format!("pids: {e}")))?,
+            "cpu-weight" => {
+                limits.cpu_weight = value.parse().map_err(|e| bad(format!("cpu-weight: {e}")))?
+            }
+            _ => anyhow::bail!(
+                "--environment-limits {spec:?}: unknown limit {key:?}; use memory, disk, pids or cpu-weight"
+            ),
+        }
+    }
+    limits.validate()?;
+    Ok((env.to_string(), limits))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -111,8 +151,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cpu_weight: args.cpu_weight,
         disk_bytes: args.disk,
     };
+    limits.validate()?;
+    let environment_limits = args
+        .environment_limits
+        .iter()
+        .map(|spec| environment_limits(spec, limits))
+        .collect::<anyhow::Result<_>>()?;
     let runtime_config = RuntimeConfig::new(data_dir.clone(), node_id.clone());
     let catalog = Arc::new(Catalog::load(&data_dir, runtime_config.uid_base)?);
+    for name in args.pool_environments.iter().flatten() {
+        if catalog.get(name).is_none() {
+            anyhow::bail!("--pool-environments: unknown environment {name:?}; see `burrow env ls`");
+        }
+    }
     for env in catalog.list() {
         match &env.availability {
             Ok(()) => tracing::info!(environment = %env.name, "environment available"),
@@ -124,11 +175,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         SessionsConfig {
             ttl: args.session_ttl,
             pool_size: args.pool_size,
+            pool_environments: args.pool_environments.clone(),
             limits,
+            environment_limits,
+            max_sessions: args.max_sessions,
+            max_sessions_per_team: args.max_sessions_per_team,
             client_id: node_id.clone(),
         },
         store.clone(),
-        backend,
+        backend.clone(),
         catalog,
     )
     .await?;
@@ -155,7 +210,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, burrow_api::app(state)).with_graceful_shutdown({
+    // Not `axum::serve`: burrow_api::serve also drops connections that do not send a request.
+    let server = burrow_api::serve(listener, burrow_api::app(state), {
         let stopping = stopping.clone();
         async move {
             stop_signal().await;
@@ -171,6 +227,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping: live sessions keep running and are adopted by the next start");
     sessions.shutdown().await;
+    // The node's parent cgroups go when no sandbox is left in them; live ones keep them.
+    backend.remove_node_cgroups();
     Ok(())
 }
 
@@ -181,5 +239,31 @@ async fn stop_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_limits_override_the_base() {
+        let base = Limits::default();
+        let (env, l) = environment_limits("Java:memory=2GiB,pids=1024", base).unwrap();
+        assert_eq!(env, "Java");
+        assert_eq!((l.memory_bytes, l.pids), (2 << 30, 1024));
+        assert_eq!(
+            (l.disk_bytes, l.cpu_weight),
+            (base.disk_bytes, base.cpu_weight)
+        );
+        for bad in [
+            "Java",
+            "Java:memory",
+            "Java:color=red",
+            "Java:pids=x",
+            "Java:memory=0",
+        ] {
+            assert!(environment_limits(bad, base).is_err(), "{bad}");
+        }
     }
 }

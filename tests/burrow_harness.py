@@ -31,6 +31,9 @@ SESSION_KEYS = {"codeSnippetID", "editEnabled", "sessionID", "clientID"}
 SESSION_ID_RE = re.compile(r"^[a-z0-9]{20,}$")
 CLIENT_ID_RE = re.compile(r"^[a-z0-9]{8}$")
 BUILTIN_ENVS = ("Bash", "Python3", "Nodejs", "Java", "Perl")
+# How long the server lets a connection take to send a request head (or sit idle between
+# requests) before it hangs up: burrow_api::HEADER_TIMEOUT.
+HEADER_TIMEOUT_S = 30
 
 
 def burrow_bin() -> Path:
@@ -287,6 +290,34 @@ def unique_marker() -> str:
     return f"{secrets.randbelow(9000) + 1000}.{secrets.randbelow(10**6):06d}"
 
 
+def proc_status(pid: int) -> dict:
+    """The fields of a host process's /proc/<pid>/status ({} if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident memory of a host process in KiB (0 if it is gone)."""
+    value = proc_status(pid).get("VmRSS", "0 kB").split()
+    return int(value[0]) if value else 0
+
+
+def namespace_init(pid: int) -> Optional[int]:
+    """The host pid of PID 1 of the PID namespace `pid` lives in (for a sandbox process: that
+    sandbox's envd), found by walking up its parents."""
+    while pid > 1:
+        status = proc_status(pid)
+        if not status:
+            return None
+        if status.get("NSpid", "").split()[-1:] == ["1"]:
+            return pid
+        pid = int(status["PPid"])
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
@@ -517,6 +548,22 @@ class BurrowServer:
 
     def envd(self, session: dict, **kw) -> "EnvdClient":
         return EnvdClient(self.port, sandbox_host(ENVD_PORT, session["sessionID"], session["clientID"]), **kw)
+
+    def envd_pid(self, session: dict) -> int:
+        """The host pid of the session's envd (PID 1 of its sandbox): found through a process
+        started in the session for the purpose, then stopped."""
+        marker = unique_marker()
+        with self.envd(session) as envd:
+            pid = "find-envd-" + secrets.token_hex(4)
+            envd.call("process_start", [pid, f"exec sleep {marker}", {}, ""])
+            try:
+                child = wait_until(lambda: host_processes_matching(f"sleep {marker}"), 10,
+                                   what="the marker process to show up on the host")[0]
+                init = namespace_init(child)
+            finally:
+                envd.call("process_kill", [pid])
+        assert init, f"no PID 1 above host process {child}"
+        return init
 
     # -- CLI ------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ impl From<SessionError> for ApiError {
             }
             SessionError::NotFound(_) => StatusCode::NOT_FOUND,
             SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
+            SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

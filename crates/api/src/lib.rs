@@ -7,9 +7,11 @@
 
 mod error;
 mod openapi;
+mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -26,9 +28,13 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 pub use error::ApiError;
+pub use server::{HEADER_TIMEOUT, serve};
 
 /// Largest request body the API reads (session creates are tiny).
 pub const BODY_LIMIT: usize = 1 << 20;
+/// How long a client may take to send a request body: a client trickling a body must not hold
+/// its connection (and its task) forever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AppState {
     pub sessions: Sessions,
@@ -199,9 +205,21 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
         if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
-            .await
-            .map_err(|_| too_large())?;
+        let bytes = tokio::time::timeout(
+            BODY_TIMEOUT,
+            axum::body::to_bytes(req.into_body(), BODY_LIMIT),
+        )
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|_| too_large())?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -211,10 +229,29 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
     }
 }
 
+/// The `{sessionID}` path segment, rejected in the API's error shape (axum's own rejection is
+/// plain text), e.g. when its percent-decoding is not UTF-8.
+struct SessionId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(SessionId(id)),
+            Err(rejection) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid session ID in the path: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 struct NewSession {
     /// The environment (template) to start from: `Bash`, `Python3`, `Nodejs`, ... .
     #[serde(rename = "codeSnippetID")]
+    #[schema(example = "Bash")]
     code_snippet_id: String,
     /// A shared, persistent edit session of the environment: one per team and environment.
     #[serde(rename = "editEnabled", default)]
@@ -247,13 +284,15 @@ impl From<SessionInfo> for SessionBody {
 }
 
 /// Create a session: a new sandbox of the environment, running when this answers.
-#[utoipa::path(post, path = "/sessions", request_body = NewSession,
-    params(("api_key" = String, Query, description = "API key (or the X-API-Key header)")),
+#[utoipa::path(post, path = "/sessions", tag = "sessions", request_body = NewSession,
+    security(("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 201, description = "Session created", body = SessionBody),
-        (status = 400, description = "Bad body or unknown/unavailable environment", body = error::ErrorBody),
+        (status = 400, description = "Bad body or unknown/unavailable environment, or an X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = error::ErrorBody),
         (status = 413, description = "Body too large", body = error::ErrorBody),
+        (status = 429, description = "The server, or the caller's team, already runs as many sessions as it may", body = error::ErrorBody),
         (status = 500, description = "The sandbox could not be started", body = error::ErrorBody)))]
 async fn create_session(
     State(app): Shared,
@@ -269,10 +308,11 @@ async fn create_session(
 }
 
 /// The caller's team's live sessions (an admin key: all sessions).
-#[utoipa::path(get, path = "/sessions",
-    params(("api_key" = String, Query, description = "API key (or the X-API-Key header)")),
+#[utoipa::path(get, path = "/sessions", tag = "sessions",
+    security(("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 200, description = "Live sessions", body = [SessionBody]),
+        (status = 400, description = "An X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody)))]
 async fn list_sessions(State(app): Shared, key: Key) -> Result<Json<Vec<SessionBody>>, ApiError> {
     let principal = app.require(key)?;
@@ -286,17 +326,18 @@ async fn list_sessions(State(app): Shared, key: Key) -> Result<Json<Vec<SessionB
 }
 
 /// Delete a session; answers once its sandbox is gone.
-#[utoipa::path(delete, path = "/sessions/{sessionID}",
-    params(("sessionID" = String, Path, description = "The session"),
-           ("api_key" = String, Query, description = "API key (or the X-API-Key header)")),
+#[utoipa::path(delete, path = "/sessions/{sessionID}", tag = "sessions",
+    params(("sessionID" = String, Path, description = "The session")),
+    security(("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "A session ID or X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
         (status = 404, description = "No such session of the caller's team", body = error::ErrorBody)))]
 async fn delete_session(
     State(app): Shared,
     key: Key,
-    Path(session_id): Path<String>,
+    SessionId(session_id): SessionId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key)?;
     app.sessions.delete(&session_id, &principal).await?;
@@ -305,17 +346,18 @@ async fn delete_session(
 
 /// Keep a session alive for another TTL. The session ID is enough; a key, if given, must be
 /// the owner's.
-#[utoipa::path(post, path = "/sessions/{sessionID}/refresh",
-    params(("sessionID" = String, Path, description = "The session"),
-           ("api_key" = Option<String>, Query, description = "Optional API key of the owner")),
+#[utoipa::path(post, path = "/sessions/{sessionID}/refresh", tag = "sessions",
+    params(("sessionID" = String, Path, description = "The session")),
+    security((), ("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 204, description = "Refreshed"),
+        (status = 400, description = "A session ID or X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Invalid key, or not the owner's", body = error::ErrorBody),
         (status = 404, description = "Unknown or expired session", body = error::ErrorBody)))]
 async fn refresh_session(
     State(app): Shared,
     key: Key,
-    Path(session_id): Path<String>,
+    SessionId(session_id): SessionId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.principal(key)?;
     app.sessions.refresh(&session_id, principal.as_ref())?;
@@ -323,21 +365,174 @@ async fn refresh_session(
 }
 
 /// Liveness.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "Healthy", body = String)))]
+#[utoipa::path(get, path = "/health", tag = "service", responses((status = 200, description = "Healthy", body = String)))]
 async fn health() -> &'static str {
     "Health check successful"
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text format", body = String)))]
 async fn metrics(State(app): Shared) -> Response {
-    let text = app
-        .sessions
-        .metrics()
-        .render(&app.sessions.live_by_environment());
+    let text = app.sessions.render_metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         Body::from(text),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the parsers a client reaches before any handler logic: the key (query
+    //! string or header), the `{sessionID}` path segment and the JSON body, through a router that
+    //! uses the real extractors and echoes what they produced.
+
+    use axum::body::to_bytes;
+    use axum::http::HeaderValue;
+    use hyper::service::Service;
+    use hyper_util::service::TowerToHyperService;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    async fn echo(
+        key: Key,
+        SessionId(id): SessionId,
+        JsonBody(body): JsonBody<NewSession>,
+    ) -> Json<Value> {
+        Json(
+            json!({"key": key.0, "id": id, "env": body.code_snippet_id, "edit": body.edit_enabled}),
+        )
+    }
+
+    fn router() -> TowerToHyperService<Router> {
+        TowerToHyperService::new(Router::new().route("/sessions/{session_id}", post(echo)))
+    }
+
+    /// Percent-encodes every byte but ASCII letters and digits.
+    fn encode(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_alphanumeric() {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    fn call(request: Request) -> (StatusCode, Value) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let response = router().call(request).await.expect("infallible");
+            let status = response.status();
+            let body = to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("a body");
+            let value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("a {status} answer that is not JSON ({e}): {body:?}"));
+            (status, value)
+        })
+    }
+
+    /// Raw query strings: pieces that matter to the decoder, valid or broken.
+    fn raw_query() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("api_key=".to_owned()),
+                Just("&".to_owned()),
+                Just("=".to_owned()),
+                Just("%".to_owned()),
+                Just("+".to_owned()),
+                "%[0-9A-Fa-f]{2}",
+                "%[g-z]{2}",
+                "[a-z0-9_]{1,6}",
+            ],
+            0..10,
+        )
+        .prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn well_formed_requests_round_trip(
+            key in prop::option::of(any::<String>()),
+            key_in_header in any::<bool>(),
+            other in "[a-z]{1,5}",
+            id in prop::collection::vec(any::<u8>(), 1..40)
+                .prop_filter("UTF-8", |b| std::str::from_utf8(b).is_ok()),
+            env in any::<String>(),
+            edit in prop::option::of(any::<bool>()),
+        ) {
+            let id = String::from_utf8(id).unwrap();
+            // A header must be visible ASCII to count as text.
+            let key_in_header = key_in_header
+                && key.as_ref().is_some_and(|k| k.bytes().all(|b| (0x21..0x7f).contains(&b)));
+            let mut uri = format!("/sessions/{}?{other}=1", encode(id.as_bytes()));
+            if let (Some(k), false) = (&key, key_in_header) {
+                uri.push_str(&format!("&api_key={}", encode(k.as_bytes())));
+            }
+            let mut body = json!({"codeSnippetID": env});
+            if let Some(edit) = edit {
+                body["editEnabled"] = json!(edit);
+            }
+            let mut request = Request::post(uri);
+            if let (Some(k), true) = (&key, key_in_header) {
+                request = request.header("x-api-key", k.as_str());
+            }
+            let request = request.body(Body::from(body.to_string())).unwrap();
+            let (status, echoed) = call(request);
+            prop_assert_eq!(status, StatusCode::OK, "{}", echoed);
+            prop_assert_eq!(&echoed["key"], &json!(key));
+            prop_assert_eq!(&echoed["id"], &json!(id));
+            prop_assert_eq!(&echoed["env"], &json!(env));
+            prop_assert_eq!(&echoed["edit"], &json!(edit.unwrap_or(false)));
+        }
+
+        #[test]
+        fn any_request_is_accepted_or_refused_in_the_error_shape(
+            segment in prop::collection::vec(any::<u8>(), 1..24),
+            query in raw_query(),
+            header in prop::option::of(prop::collection::vec(any::<u8>(), 0..24)),
+            body in prop_oneof![
+                4 => prop::collection::vec(any::<u8>(), 0..64),
+                2 => Just(br#"{"codeSnippetID":"Bash"}"#.to_vec()),
+                1 => Just(vec![b' '; BODY_LIMIT + 1]),
+            ],
+            declared_length in prop::option::of(any::<u64>()),
+        ) {
+            let uri = format!("/sessions/{}?{query}", encode(&segment));
+            let mut request = Request::post(uri);
+            if let Some(value) = header.as_ref().and_then(|h| HeaderValue::from_bytes(h).ok()) {
+                request = request.header("x-api-key", value);
+            }
+            let mut request = request.body(Body::from(body.clone())).unwrap();
+            if let Some(length) = declared_length {
+                // A lying Content-Length reaches the extractor as a header, not as framing.
+                request.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            let (status, answer) = call(request);
+            if status == StatusCode::OK {
+                prop_assert!(std::str::from_utf8(&segment).is_ok(), "a non-UTF-8 session ID accepted");
+                prop_assert!(body.len() <= BODY_LIMIT);
+            } else {
+                prop_assert!(
+                    [StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE].contains(&status),
+                    "answered {}: {}", status, answer
+                );
+                prop_assert_eq!(answer.as_object().map(|o| o.len()), Some(2), "{}", answer);
+                prop_assert_eq!(&answer["code"], &json!(status.as_u16()));
+                prop_assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+            }
+            if body.len() > BODY_LIMIT {
+                prop_assert_ne!(status, StatusCode::OK);
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::multipart::MultipartRejection;
+use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Query, State as Shared};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -166,12 +166,23 @@ pub(crate) async fn upload(
     let config = &state.config;
     let mut destination: Option<PathBuf> = None;
     let mut staged: Option<Staged> = None;
+    // A failed write (a full disk, a missing directory) does not end the request at once: the
+    // rest of the body is read and dropped first. Answering early and closing would leave the
+    // client, or the gateway relaying it, writing into a closed connection, and it would see
+    // that error instead of this answer.
+    let mut failed: Option<Response> = None;
     let outcome = loop {
         let mut field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break Ok(()),
             Err(error) => break Err(bad_multipart(&error)),
         };
+        if failed.is_some() {
+            if let Err(error) = drain(&mut field).await {
+                break Err(bad_multipart(&error));
+            }
+            continue;
+        }
         match field.name() {
             Some("path") => match field.text().await {
                 Ok(path) if !path.is_empty() => destination = Some(resolve(config, &path)),
@@ -190,37 +201,29 @@ pub(crate) async fn upload(
                     .and_then(Path::parent)
                     .unwrap_or(&config.home);
                 let temp = dir.join(format!(".burrow-upload-{}", random_id(12)));
-                let mut file = match create_file(config, &temp, UPLOAD_MODE) {
-                    Ok(file) => File::from_std(file),
-                    Err(error) => break Err(write_failed(&temp, &error)),
-                };
-                staged = Some(Staged {
-                    temp: temp.clone(),
-                    name,
-                });
-                let written = loop {
-                    match field.chunk().await {
-                        Ok(Some(chunk)) => {
-                            if let Err(error) = file.write_all(&chunk).await {
-                                break Err(write_failed(&temp, &error));
-                            }
-                        }
-                        Ok(None) => {
-                            break file
-                                .flush()
-                                .await
-                                .map_err(|error| write_failed(&temp, &error));
-                        }
-                        Err(error) => break Err(bad_multipart(&error)),
-                    }
-                };
-                if let Err(response) = written {
-                    break Err(response);
+                let file = create_file(config, &temp, UPLOAD_MODE)
+                    .map(File::from_std)
+                    .map_err(|error| write_failed(&temp, &error));
+                if file.is_ok() {
+                    staged = Some(Staged {
+                        temp: temp.clone(),
+                        name,
+                    });
+                }
+                match receive(&mut field, file, &temp).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(response)) => failed = Some(response),
+                    Err(error) => break Err(bad_multipart(&error)),
                 }
             }
             // Other fields are skipped unread.
             _ => {}
         }
+    };
+    // A write failure is the answer even if the body then turned out malformed.
+    let outcome = match failed {
+        Some(response) => Err(response),
+        None => outcome,
     };
     let finished = match (outcome, staged.as_ref()) {
         (Err(response), _) => Err(response),
@@ -239,6 +242,35 @@ pub(crate) async fn upload(
             response
         }
     }
+}
+
+/// Reads a field to its end, writing it to `file`; after a failed write (or without a file) the
+/// rest is read and dropped. The outer error is a malformed body, the inner one the write's.
+async fn receive(
+    field: &mut Field<'_>,
+    mut file: Result<File, Response>,
+    temp: &Path,
+) -> Result<Result<(), Response>, MultipartError> {
+    while let Some(chunk) = field.chunk().await? {
+        if let Ok(open) = &mut file
+            && let Err(error) = open.write_all(&chunk).await
+        {
+            file = Err(write_failed(temp, &error));
+        }
+    }
+    Ok(match file {
+        Ok(mut open) => open
+            .flush()
+            .await
+            .map_err(|error| write_failed(temp, &error)),
+        Err(response) => Err(response),
+    })
+}
+
+/// Reads a field to its end, dropping it.
+async fn drain(field: &mut Field<'_>) -> Result<(), MultipartError> {
+    while field.chunk().await?.is_some() {}
+    Ok(())
 }
 
 /// An upload written to a temporary file, not yet at its destination.
@@ -278,7 +310,7 @@ async fn place(
     }
 }
 
-fn bad_multipart(error: &axum::extract::multipart::MultipartError) -> Response {
+fn bad_multipart(error: &MultipartError) -> Response {
     text(
         StatusCode::BAD_REQUEST,
         format!("error reading the multipart body: {error}"),

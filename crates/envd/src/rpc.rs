@@ -306,6 +306,7 @@ impl GoType for BTreeMap<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
@@ -374,6 +375,128 @@ mod tests {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             );
             assert!(!digits.starts_with('0') || digits == "0");
+        }
+    }
+
+    /// Any JSON value, nested a few levels; numbers are integers or exactly representable
+    /// floats, so that comparing a value with its re-parsed text is exact.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1000i32..1000).prop_map(|n| Value::from(f64::from(n) / 4.0)),
+            ".{0,12}".prop_map(Value::String),
+            // Keys and strings the decoder looks at.
+            prop_oneof![
+                Just("id"),
+                Just("method"),
+                Just("params"),
+                Just("process_start"),
+                Just("filesystem_subscribe"),
+                Just("_"),
+                Just("")
+            ]
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![Just("id".to_owned()), Just("method".to_owned()), ".{0,6}"],
+                    inner,
+                    0..6
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// What `parse` must make of a well-formed JSON text, restated from go-ethereum's rules.
+    fn expected(value: &Value) -> (bool, Value, Option<i64>) {
+        // (is a request, the id a response would carry, the error code if any)
+        let Value::Object(object) = value else {
+            return (false, Value::Null, Some(INVALID_REQUEST));
+        };
+        let id = object.get("id");
+        if matches!(id, Some(Value::Object(_) | Value::Array(_))) {
+            return (false, Value::Null, Some(INVALID_REQUEST));
+        }
+        match object.get("method") {
+            Some(Value::String(method)) if !method.is_empty() => {
+                (true, id.cloned().unwrap_or(Value::Null), None)
+            }
+            _ => (
+                false,
+                id.cloned().unwrap_or(Value::Null),
+                Some(INVALID_REQUEST),
+            ),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_on_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            match parse(&bytes) {
+                Incoming::Request { method, .. } => prop_assert!(!method.is_empty()),
+                Incoming::Invalid { error, .. } => {
+                    prop_assert!([PARSE_ERROR, INVALID_REQUEST].contains(&error.code));
+                }
+            }
+        }
+
+        #[test]
+        fn parse_classifies_any_json_like_go_ethereum(value in json_value()) {
+            let text = serde_json::to_vec(&value).expect("a Value encodes");
+            let (is_request, want_id, want_code) = expected(&value);
+            match parse(&text) {
+                Incoming::Request { id, method, params } => {
+                    prop_assert!(is_request, "{value} taken for a request");
+                    prop_assert_eq!(id.unwrap_or(Value::Null), want_id);
+                    prop_assert_eq!(Some(&Value::String(method)), value.get("method"));
+                    prop_assert_eq!(params.as_ref(), value.get("params"));
+                }
+                Incoming::Invalid { id, error } => {
+                    prop_assert!(!is_request, "{value} refused: {error}");
+                    prop_assert_eq!(id, want_id);
+                    prop_assert_eq!(Some(error.code), want_code);
+                }
+            }
+        }
+
+        #[test]
+        fn a_response_carries_its_id_and_exactly_one_of_result_or_error(
+            id in json_value().prop_filter("ids are scalars", |v| !v.is_object() && !v.is_array()),
+            result in json_value(),
+            failed in any::<bool>(),
+            code in any::<i64>(),
+            message in ".{0,40}",
+        ) {
+            let outcome = if failed { Err(RpcError { code, message: message.clone() }) } else { Ok(result.clone()) };
+            let encoded: Value = serde_json::from_str(&response(&id, &outcome)).expect("valid JSON");
+            prop_assert_eq!(&encoded["jsonrpc"], "2.0");
+            prop_assert_eq!(&encoded["id"], &id);
+            prop_assert_ne!(encoded.get("result").is_some(), encoded.get("error").is_some());
+            if failed {
+                prop_assert_eq!(&encoded["error"]["code"], &Value::from(code));
+                prop_assert_eq!(&encoded["error"]["message"], &Value::String(message));
+            } else {
+                prop_assert_eq!(&encoded["result"], &result);
+            }
+        }
+
+        #[test]
+        fn argument_decoding_never_panics(params in json_value(), index in 0usize..8, max in 0usize..8) {
+            if let Ok(args) = Args::new(Some(params)) {
+                let _ = args.at_most(max);
+                let _ = args.required::<String>(index);
+                let _ = args.optional::<String>(index);
+                let _ = args.required::<u16>(index);
+                let _ = args.optional::<u16>(index);
+                let _ = args.required::<BTreeMap<String, String>>(index);
+                let _ = args.optional::<BTreeMap<String, String>>(index);
+            }
         }
     }
 

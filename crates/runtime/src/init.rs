@@ -96,6 +96,46 @@ const PROC_MASKED_FILES: &[&str] = &[
 ];
 /// `/proc` directories of host hardware: covered with an empty read-only tmpfs.
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi"];
+/// Caps on the kernel objects the user namespace's users may hold (`/proc/sys/user`), written
+/// while `/proc/sys` is still writable. They count per user of the sandbox, and every one of
+/// them is also charged to the host user owning the namespace (root), whose own limits are the
+/// host's: without these caps one sandbox could take the host's whole budget. Namespaces are
+/// refused by the seccomp filter too; the zeros say so to the kernel as well. Files a kernel
+/// lacks are skipped.
+const USER_NAMESPACE_CAPS: &[(&str, u32)] = &[
+    ("max_inotify_instances", 32),
+    ("max_inotify_watches", 16384),
+    ("max_fanotify_groups", 0),
+    ("max_fanotify_marks", 0),
+    ("max_user_namespaces", 0),
+    ("max_mnt_namespaces", 0),
+    ("max_pid_namespaces", 0),
+    ("max_net_namespaces", 0),
+    ("max_ipc_namespaces", 0),
+    ("max_uts_namespaces", 0),
+    ("max_cgroup_namespaces", 0),
+    ("max_time_namespaces", 0),
+];
+
+/// Resource limits (soft = hard) of every process in the sandbox, set by PID 1 before the
+/// capabilities go (raising them back takes CAP_SYS_RESOURCE, which nothing keeps).
+/// Pending signals and message-queue bytes are counted per user and charged up to the host user
+/// owning the namespace, like the caps above. Open files: envd serves every websocket, process
+/// pipe and tunnel of the sandbox from one process, and is the only holder of many at once; it
+/// shares the limit with user processes (its spawn path cannot set one of their own), and 8192
+/// covers it while keeping `pids` x `nofile` in bounds.
+const RESOURCE_LIMITS: [(&str, Resource, libc::rlim_t); 3] = [
+    ("RLIMIT_SIGPENDING", libc::RLIMIT_SIGPENDING, 1024),
+    ("RLIMIT_MSGQUEUE", libc::RLIMIT_MSGQUEUE, 1 << 20),
+    ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, 8192),
+];
+
+/// setrlimit's resource argument (`u32` on glibc, `c_int` on musl).
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
 /// `/proc` trees made read-only.
 const PROC_READ_ONLY: &[&str] = &["sys", "bus", "fs", "irq"];
 
@@ -231,8 +271,26 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
     loopback_up()?;
     pivot()?;
     lock_down()?;
+    if let Role::Envd(_) = role {
+        quiet_stdio()?;
+    }
     drop(control);
     Ok(role)
+}
+
+/// Points stdout and stderr at `/dev/null`. They are the init log, a file in the host's data
+/// directory that no disk limit covers: once the sandbox is built, envd would write there for
+/// its whole life (and a root process could write through `/proc/1/fd`). The log keeps what
+/// matters, the setup's errors, which the server quotes when a start fails; envd reports through
+/// its API. A size limit (RLIMIT_FSIZE) would not do: envd's children would inherit it.
+fn quiet_stdio() -> Result<(), Error> {
+    let step = || "point stdout and stderr at /dev/null".to_owned();
+    let null = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .step(step)?;
+    nix::unistd::dup2_stdout(&null).step(step)?;
+    nix::unistd::dup2_stderr(&null).step(step)
 }
 
 fn fd_path(fd: &impl AsRawFd) -> PathBuf {
@@ -321,6 +379,13 @@ fn mount_proc() -> Result<(), Error> {
     // servers expect to listen on 80.
     let sysctl = "proc/sys/net/ipv4/ip_unprivileged_port_start";
     fs::write(sysctl, "0").step(|| format!("write /{sysctl}"))?;
+    for (name, value) in USER_NAMESPACE_CAPS {
+        let path = Path::new("proc/sys/user").join(name);
+        match fs::write(&path, value.to_string()) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            written => written.step(|| format!("write /{}", path.display()))?,
+        }
+    }
     for name in PROC_MASKED_FILES {
         let path = Path::new("proc").join(name);
         if path.exists() {
@@ -480,6 +545,28 @@ fn lock_down() -> Result<(), Error> {
         step: format!("drop capabilities ({what})"),
         source: std::io::Error::other(e.to_string()),
     };
+    for (name, resource, limit) in RESOURCE_LIMITS {
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the rlimit it is given, which outlives the call; setrlimit
+        // only reads it.
+        let set = unsafe {
+            libc::getrlimit(resource, &mut current) == 0 && {
+                // Lower only: raising a hard limit would take CAP_SYS_RESOURCE on the host.
+                let limit = limit.min(current.rlim_max);
+                let lowered = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::setrlimit(resource, &lowered) == 0
+            }
+        };
+        if !set {
+            return Err(std::io::Error::last_os_error()).step(|| format!("set {name}"));
+        }
+    }
     let kept: caps::CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
     // The bounding set needs CAP_SETPCAP to shrink, so it goes first.
     let bounding = caps::read(None, CapSet::Bounding).map_err(|e| caps_step("read", e))?;
@@ -492,6 +579,10 @@ fn lock_down() -> Result<(), Error> {
     caps::set(None, CapSet::Effective, &kept).map_err(|e| caps_step("effective", e))?;
     caps::set(None, CapSet::Permitted, &kept).map_err(|e| caps_step("permitted", e))?;
     nix::sys::prctl::set_no_new_privs().step(|| "set no_new_privs".into())?;
+    // Not dumpable: a process of the sandbox running as its root (same uid, same capabilities)
+    // could otherwise ptrace PID 1 or take its descriptors with pidfd_getfd, envd's listening
+    // socket among them. Programs PID 1 executes are dumpable again, as execve makes them.
+    nix::sys::prctl::set_dumpable(false).step(|| "make PID 1 non-dumpable".into())?;
     crate::seccomp::install()
 }
 

@@ -1,13 +1,15 @@
 //! The sandbox's seccomp filter: a denylist of system calls that reach kernel surface a sandbox
 //! has no business touching (modules, kexec, bpf, keyrings, mounts, namespaces, clocks, ...).
 //! Denied calls fail with EPERM, except `clone3`, which fails with ENOSYS so that libc falls
-//! back to `clone`, whose namespace flags the filter can see and refuse.
+//! back to `clone`, whose namespace flags the filter can see and refuse. Sockets are limited to
+//! the families a network namespace isolates (see [`SOCKET_FAMILIES`]), and on x86_64 the x32
+//! ABI is refused as a whole.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
+    SeccompRule, sock_filter,
 };
 
 use crate::error::Error;
@@ -96,6 +98,45 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
 /// (`libc::Ioctl` is `c_ulong` on glibc and `c_int` on musl, hence the casts.)
 const DENIED_IOCTLS: [u64; 2] = [libc::TIOCSTI as _, libc::TIOCLINUX as _];
 
+/// The only socket families `socket` and `socketpair` accept: the ones a network namespace
+/// keeps apart. Others are host-wide (vsock, whose ports collide with the host's and which
+/// reaches the hypervisor) or kernel surface no sandbox needs (AF_ALG, AF_KEY, ...); they fail
+/// with EAFNOSUPPORT, as on a kernel built without them, so that programs fall back.
+const SOCKET_FAMILIES: [libc::c_int; 4] = [
+    libc::AF_UNIX,
+    libc::AF_INET,
+    libc::AF_INET6,
+    libc::AF_NETLINK,
+];
+
+/// The x32 ABI's bit in a system call number. x32 calls pass seccompiler's architecture check
+/// (their `arch` is AUDIT_ARCH_X86_64) but their numbers match none of its rules, so every call
+/// the denylist refuses would be open through its x32 number.
+#[cfg(target_arch = "x86_64")]
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// A filter seccompiler cannot express (it compares numbers for equality only): every system
+/// call number from [`X32_SYSCALL_BIT`] up fails with ENOSYS, as on a kernel without x32.
+#[cfg(target_arch = "x86_64")]
+fn x32_filter() -> BpfProgram {
+    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        // seccomp_data.nr, at offset 0.
+        op(BPF_LD_W_ABS, 0, 0, 0),
+        op(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        op(
+            BPF_RET_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        op(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// The compiled filters, in installation order.
 pub(crate) fn filters() -> Result<Vec<BpfProgram>, Error> {
     let arch = std::env::consts::ARCH
@@ -125,19 +166,41 @@ pub(crate) fn filters() -> Result<Vec<BpfProgram>, Error> {
 
     let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
 
-    [(denied, libc::EPERM), (clone3, libc::ENOSYS)]
-        .into_iter()
-        .map(|(rules, errno)| {
-            SeccompFilter::new(
-                rules,
-                SeccompAction::Allow,
-                SeccompAction::Errno(errno as u32),
-                arch,
-            )
-            .and_then(BpfProgram::try_from)
-            .map_err(|e| Error::Seccomp(e.to_string()))
+    // One rule whose conditions all hold (they are ANDed) for any family outside the list.
+    let other_family = SOCKET_FAMILIES
+        .iter()
+        .map(|family| {
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *family as u64)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(SeccompRule::new)
+        .map_err(|e| Error::Seccomp(e.to_string()))?;
+    let sockets = BTreeMap::from([
+        (libc::SYS_socket, vec![other_family.clone()]),
+        (libc::SYS_socketpair, vec![other_family]),
+    ]);
+
+    #[cfg(target_arch = "x86_64")]
+    let first = vec![x32_filter()];
+    #[cfg(not(target_arch = "x86_64"))]
+    let first = Vec::new();
+    let compiled = [
+        (denied, libc::EPERM),
+        (clone3, libc::ENOSYS),
+        (sockets, libc::EAFNOSUPPORT),
+    ]
+    .into_iter()
+    .map(|(rules, errno)| {
+        SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            arch,
+        )
+        .and_then(BpfProgram::try_from)
+        .map_err(|e| Error::Seccomp(e.to_string()))
+    });
+    first.into_iter().map(Ok).chain(compiled).collect()
 }
 
 /// Installs the filters on the calling thread; threads and processes it starts inherit them.
@@ -156,7 +219,10 @@ mod tests {
     #[test]
     fn filters_compile() {
         let filters = filters().unwrap();
-        assert_eq!(filters.len(), 2);
+        assert_eq!(
+            filters.len(),
+            if cfg!(target_arch = "x86_64") { 4 } else { 3 }
+        );
         assert!(filters.iter().all(|f| !f.is_empty()));
     }
 

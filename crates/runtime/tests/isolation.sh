@@ -120,6 +120,49 @@ expect "host binds are read-only, the generated rootfs is copy-on-write" \
 sandbox -- sh -c 'cat /etc/hostname'
 expect "writes do not outlive their sandbox" [ "$OUT" = sandbox ]
 
+sandbox -- python3 -c 'import socket, errno
+for family in (socket.AF_VSOCK, socket.AF_PACKET, 38):
+    try: socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as e: print(errno.errorcode[e.errno])
+try: socket.socketpair(socket.AF_VSOCK)
+except OSError as e: print(errno.errorcode[e.errno])
+socket.socketpair(); socket.socket(socket.AF_INET6); socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)
+print("allowed")'
+expect "vsock, packet and AF_ALG sockets are refused; unix, inet6, netlink are not" \
+    [ "$OUT" = "$(printf 'EAFNOSUPPORT\nEAFNOSUPPORT\nEAFNOSUPPORT\nEAFNOSUPPORT\nallowed')" ]
+
+sandbox -- ip -o addr show lo
+expect "netlink reads still work (ip addr)" has "$OUT" "inet 127.0.0.1/8"
+
+# x32 unshare(CLONE_NEWUSER): on kernels with x32 the number bypasses the denylist's rules.
+sandbox --root -- python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True)
+print(l.syscall(0x40000000 | 272, 0x10000000), ctypes.get_errno())'
+expect "x32 system calls are refused (ENOSYS)" [ "$OUT" = "-1 38" ]
+
+# Each sandbox user's inotify instances, pending signals and message-queue bytes are also
+# charged to the host's root: one sandbox must not take root's whole budget.
+INOTIFY_OUT=$(mktemp)
+(sandbox -- python3 -c 'import ctypes, resource
+l = ctypes.CDLL(None, use_errno=True); n = 0
+while l.inotify_init1(0) >= 0: n += 1
+print(n, open("/proc/sys/user/max_user_namespaces").read().strip(),
+      *(resource.getrlimit(r)[1] for r in (resource.RLIMIT_SIGPENDING, resource.RLIMIT_NOFILE)))
+import time; time.sleep(3)'
+    printf '%s' "$OUT" >"$INOTIFY_OUT") &
+sleep 1.5
+HOST_INOTIFY=$(python3 -c 'import ctypes; print(ctypes.CDLL(None).inotify_init1(0))')
+wait
+OUT=$(cat "$INOTIFY_OUT") CODE=- ERR=
+rm -f "$INOTIFY_OUT"
+expect "inotify instances are capped per sandbox user, at 32" [ "$(cut -d' ' -f1-2 <<<"$OUT")" = "32 0" ]
+expect "pending signals and open files are capped (1024, 8192)" [ "$(cut -d' ' -f3-4 <<<"$OUT")" = "1024 8192" ]
+expect "the host's root can still use inotify meanwhile" [ "$HOST_INOTIFY" -ge 0 ]
+
+# PID 1 is not dumpable: the sandbox's root cannot take its descriptors (pidfd_getfd).
+sandbox --root -- python3 -c 'import ctypes, os; l = ctypes.CDLL(None, use_errno=True)
+print(l.syscall(438, os.pidfd_open(1), 0, 0), ctypes.get_errno())'
+expect "root cannot take PID 1's descriptors" [ "$OUT" = "-1 1" ]
+
 # Nothing is left on the host.
 CODE=-
 OUT=$(find /sys/fs/cgroup/*/burrow /sys/fs/cgroup/burrow -mindepth 1 -maxdepth 1 -name 'run*' 2>/dev/null)

@@ -27,9 +27,16 @@ use timers::Timers;
 pub struct Config {
     /// A session lives this long after its create or last refresh.
     pub ttl: Duration,
-    /// Ready sandboxes kept per available environment.
+    /// Ready sandboxes kept per pooled environment.
     pub pool_size: usize,
+    /// The environments the pool keeps ready; `None` = every available one.
+    pub pool_environments: Option<Vec<String>>,
+    /// Limits of every sandbox, unless its environment has its own in `environment_limits`.
     pub limits: Limits,
+    pub environment_limits: HashMap<String, Limits>,
+    /// Live sessions this node runs at most, and one team at most (edit sessions included).
+    pub max_sessions: usize,
+    pub max_sessions_per_team: usize,
     /// This node's ID, the `clientID` of its sessions.
     pub client_id: String,
 }
@@ -46,6 +53,14 @@ pub enum Error {
     NotOwner(String),
     #[error("cannot create a session right now: {0}")]
     Sandbox(String),
+    #[error(
+        "{scope} already runs {limit} sessions, its limit; delete some or let them expire (the operator sets the limit with --{flag})"
+    )]
+    TooMany {
+        scope: &'static str,
+        limit: usize,
+        flag: &'static str,
+    },
     #[error("{0}")]
     Store(#[from] burrow_store::Error),
 }
@@ -107,6 +122,16 @@ fn deadline_ms(deadline: Instant) -> i64 {
 /// to refresh the session (the SDK refreshes without a key).
 fn new_session_id() -> String {
     burrow_store::random_alnum(20)
+}
+
+impl Config {
+    /// The limits of a sandbox of `environment`.
+    pub fn limits_for(&self, environment: &str) -> Limits {
+        self.environment_limits
+            .get(environment)
+            .copied()
+            .unwrap_or(self.limits)
+    }
 }
 
 impl Sessions {
@@ -229,8 +254,11 @@ impl Sessions {
         &self.inner.catalog
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+    /// The Prometheus text exposition of this node's session metrics.
+    pub fn render_metrics(&self) -> String {
+        self.inner
+            .metrics
+            .render(&self.live_by_environment(), &self.inner.pool.counts())
     }
 
     fn info(&self, id: &str, live: &Live) -> SessionInfo {
@@ -304,12 +332,13 @@ impl Sessions {
         } else {
             None
         };
+        self.check_capacity(principal)?;
         let sandbox = match self.inner.pool.take(&env.name, &*self.inner.backend).await {
             Some(sandbox) => sandbox,
             None => {
                 let spec = SandboxSpec {
+                    limits: self.inner.config.limits_for(&env.name),
                     environment: env.clone(),
-                    limits: self.inner.config.limits,
                 };
                 self.inner
                     .backend
@@ -346,6 +375,32 @@ impl Sessions {
         self.inner.metrics.creates.inc();
         tracing::info!(session = %id, environment = %info.environment, team = %principal.team, "session created");
         Ok(info)
+    }
+
+    /// Refuses a create that would take the node or the team past its session limit, so one key
+    /// cannot take every process and byte of memory the node has.
+    fn check_capacity(&self, principal: &Principal) -> Result<(), Error> {
+        let config = &self.inner.config;
+        let live = self.live();
+        if live.len() >= config.max_sessions {
+            return Err(Error::TooMany {
+                scope: "this server",
+                limit: config.max_sessions,
+                flag: "max-sessions",
+            });
+        }
+        let team = live
+            .values()
+            .filter(|l| l.team_id == principal.team_id)
+            .count();
+        if team >= config.max_sessions_per_team {
+            return Err(Error::TooMany {
+                scope: "your team",
+                limit: config.max_sessions_per_team,
+                flag: "max-sessions-per-team",
+            });
+        }
+        Ok(())
     }
 
     /// Re-arms the session's TTL. Without a key the session ID is the capability (the SDK
@@ -410,7 +465,7 @@ impl Sessions {
     }
 
     /// Live sessions per environment, for the metrics.
-    pub fn live_by_environment(&self) -> Vec<(String, usize)> {
+    fn live_by_environment(&self) -> Vec<(String, usize)> {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for l in self.live().values() {
             *counts.entry(l.environment.clone()).or_default() += 1;

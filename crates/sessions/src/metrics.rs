@@ -50,13 +50,25 @@ impl Metrics {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of these metrics plus the live-session gauge.
-    pub fn render(&self, live_by_environment: &[(String, usize)]) -> String {
+    /// The Prometheus text exposition of these metrics plus the live-session and pool gauges.
+    pub(crate) fn render(&self, live: &[(String, usize)], pool: &[(String, usize)]) -> String {
         let mut out = String::new();
-        out.push_str("# HELP burrow_sessions_live Live sessions by environment.\n");
-        out.push_str("# TYPE burrow_sessions_live gauge\n");
-        for (env, n) in live_by_environment {
-            let _ = writeln!(out, "burrow_sessions_live{{environment=\"{env}\"}} {n}");
+        for (name, help, counts) in [
+            (
+                "burrow_sessions_live",
+                "Live sessions by environment.",
+                live,
+            ),
+            (
+                "burrow_pool_ready",
+                "Ready sandboxes in the warm pool by environment.",
+                pool,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (env, n) in counts {
+                let _ = writeln!(out, "{name}{{environment=\"{env}\"}} {n}");
+            }
         }
         for (name, help, counter) in [
             (
@@ -131,8 +143,9 @@ mod tests {
         let m = Metrics::default();
         m.record_create(Duration::from_millis(3));
         m.record_create(Duration::from_millis(30));
-        let text = m.render(&[("Bash".into(), 2)]);
+        let text = m.render(&[("Bash".into(), 2)], &[("Bash".into(), 3)]);
         assert!(text.contains("burrow_sessions_live{environment=\"Bash\"} 2\n"));
+        assert!(text.contains("burrow_pool_ready{environment=\"Bash\"} 3\n"));
         assert!(text.contains("burrow_session_create_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("burrow_session_create_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("burrow_session_create_seconds_bucket{le=\"0.05\"} 2\n"));

@@ -53,6 +53,17 @@ impl Pool {
         self.wake.notify_one();
     }
 
+    /// Ready sandboxes per environment.
+    pub(crate) fn counts(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<_> = self
+            .ready()
+            .iter()
+            .map(|(env, v)| (env.clone(), v.len()))
+            .collect();
+        out.sort();
+        out
+    }
+
     fn count(&self, environment: &str) -> usize {
         self.ready().get(environment).map_or(0, Vec::len)
     }
@@ -84,6 +95,13 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
             .list()
             .iter()
             .filter(|e| e.availability.is_ok())
+            .filter(|e| {
+                inner
+                    .config
+                    .pool_environments
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&e.name))
+            })
             .cloned()
             .collect();
         loop {
@@ -94,7 +112,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                     }
                     let spec = SandboxSpec {
                         environment: env.clone(),
-                        limits: inner.config.limits,
+                        limits: inner.config.limits_for(&env.name),
                     };
                     match inner.backend.create(&spec).await {
                         Ok(sandbox) if !inner.pool.draining.load(Ordering::SeqCst) => inner

@@ -150,9 +150,11 @@ impl Store {
 
     /// Revokes a key named by its id or its full text; true if a live key was revoked.
     pub fn revoke_key(&self, id_or_key: &str) -> Result<bool> {
+        // `get` rather than slicing: a non-ASCII argument may have no character boundary at
+        // ID_LEN, and it cannot name a key anyway (ids are ASCII).
         let id = id_or_key
             .strip_prefix(PREFIX)
-            .map_or(id_or_key, |rest| &rest[..rest.len().min(ID_LEN)]);
+            .map_or(id_or_key, |rest| rest.get(..ID_LEN).unwrap_or(rest));
         Ok(self.conn().execute(
             "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
             params![id, now_ms()],
@@ -220,6 +222,58 @@ mod tests {
         ] {
             assert_eq!(store.authenticate(bad).unwrap(), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn any_text_authenticates_only_as_the_exact_key_and_revokes_only_its_id() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        let (store, _dir) = temp_store();
+        let key = store.create_key("acme", false).unwrap();
+        let text = prop_oneof![
+            any::<String>(),
+            any::<String>().prop_map(|s| format!("e2b_{s}")),
+            // The key with one character replaced, cut short or extended.
+            (0..key.key.len(), any::<char>()).prop_map({
+                let key = key.key.clone();
+                move |(at, c)| {
+                    let mut chars: Vec<char> = key.chars().collect();
+                    chars[at] = c;
+                    chars.into_iter().collect()
+                }
+            }),
+            (0..key.key.len()).prop_map({
+                let key = key.key.clone();
+                move |n| key[..n].to_owned()
+            }),
+            any::<String>().prop_map({
+                let key = key.key.clone();
+                move |s| format!("{key}{s}")
+            }),
+        ];
+        let config = Config {
+            failure_persistence: None,
+            ..Config::default()
+        };
+        TestRunner::new(config)
+            .run(&text, |text| {
+                let found = store.authenticate(&text).unwrap();
+                prop_assert_eq!(found.is_some(), text == key.key, "{:?}", text);
+                // Revoking by any text revokes this key only if the text names its id.
+                let names_it = text == key.id
+                    || text.strip_prefix("e2b_").and_then(|r| r.get(..8)) == Some(&key.id);
+                if !names_it {
+                    prop_assert!(
+                        !store.revoke_key(&text).unwrap(),
+                        "{:?} revoked a key",
+                        text
+                    );
+                    prop_assert!(store.authenticate(&key.key).unwrap().is_some());
+                }
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -178,6 +178,68 @@ mod tests {
         assert_eq!(again.node_id().unwrap(), id);
     }
 
+    /// What a store of 10,000 sessions costs, per operation the server performs on it: the
+    /// inserts of creates, the expiry updates of refreshes, the full load of a restart, the
+    /// deletes of expiries. Timings are printed (`--nocapture`); the bounds are loose enough for
+    /// an unoptimised build on a busy machine and catch only a missing index or a quadratic path.
+    #[test]
+    fn ten_thousand_sessions() {
+        use std::time::Instant;
+
+        const N: usize = 10_000;
+        let (store, _dir) = temp_store();
+        let team = store.create_key("many", false).unwrap().principal.team_id;
+        let ids: Vec<String> = (0..N).map(|_| keys::random_alnum(20)).collect();
+        let row = |id: &str, i: usize| SessionRow {
+            id: id.to_owned(),
+            team_id: team,
+            environment: "Bash".into(),
+            edit_enabled: false,
+            sandbox_id: keys::random_alnum(12),
+            created_at: i as i64,
+            expires_at: 1_000 + i as i64,
+        };
+
+        let t = Instant::now();
+        for (i, id) in ids.iter().enumerate() {
+            store.insert_session(&row(id, i)).unwrap();
+        }
+        let insert = t.elapsed();
+
+        let t = Instant::now();
+        for (i, id) in ids.iter().enumerate() {
+            store.set_session_expiry(id, 5_000 + i as i64).unwrap();
+        }
+        let refresh = t.elapsed();
+
+        let t = Instant::now();
+        let all = store.sessions().unwrap();
+        let load = t.elapsed();
+        assert_eq!(all.len(), N);
+        assert!(all.iter().all(|r| r.expires_at >= 5_000));
+        assert!(all.windows(2).all(|w| w[0].created_at <= w[1].created_at));
+
+        let t = Instant::now();
+        for id in &ids[..N / 2] {
+            assert!(store.delete_session(id).unwrap());
+        }
+        let delete = t.elapsed();
+        assert_eq!(store.sessions().unwrap().len(), N / 2);
+
+        let per = |d: std::time::Duration, n: usize| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "{N} sessions: insert {:.0} µs/row, refresh {:.0} µs/row, load all {:.1} ms, delete {:.0} µs/row",
+            per(insert, N),
+            per(refresh, N),
+            load.as_secs_f64() * 1e3,
+            per(delete, N / 2)
+        );
+        assert!(
+            per(insert, N) < 5_000.0 && per(refresh, N) < 5_000.0 && per(delete, N / 2) < 5_000.0
+        );
+        assert!(load.as_secs() < 5, "loading {N} sessions took {load:?}");
+    }
+
     #[test]
     fn sessions_round_trip() {
         let (store, _dir) = temp_store();

@@ -5,6 +5,7 @@ mod filesystem;
 mod http;
 mod ports;
 mod process;
+mod props;
 mod rpc;
 mod terminal;
 
