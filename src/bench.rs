@@ -209,11 +209,13 @@ async fn time_to_interactive(client: &Client, env: &str) -> anyhow::Result<(Dura
     let start = Instant::now();
     let session = client.create_session(env).await?;
     let mut envd = client.envd(&session, DOMAIN).await?;
-    let code = envd.exec("tti", "true").await?;
+    let (code, sub) = envd.exec("tti", "true").await?;
+    let took = start.elapsed();
     if code != 0 {
         bail!("`true` exited with {code}");
     }
-    Ok((start.elapsed(), session))
+    envd.unsubscribe(&sub).await?;
+    Ok((took, session))
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -282,8 +284,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut exec = Vec::new();
     for i in 0..args.rounds {
         let t = Instant::now();
-        envd.exec(&format!("p{i}"), "true").await?;
+        let (_, sub) = envd.exec(&format!("p{i}"), "true").await?;
         exec.push(t.elapsed());
+        envd.unsubscribe(&sub).await?;
     }
     row(
         "exec round trip: process.start(\"true\") → onExit",

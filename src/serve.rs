@@ -122,7 +122,53 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot resolve the data dir {}", dir.display()))
 }
 
+/// Every websocket and tunnel holds two descriptors; the default soft limit (often 1024) would
+/// cap the server at a few hundred clients, so take what the hard limit allows.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// Sandboxes' user namespaces belong to the server's uid, so every inotify instance a sandbox
+/// makes is also charged to host root, whose default budget (128) a few busy sandboxes would
+/// use up. Each sandbox is capped at 32 inside; make room for many sandboxes on the host.
+fn raise_inotify_budget() {
+    for (file, wanted) in [
+        ("/proc/sys/fs/inotify/max_user_instances", 65_536u64),
+        ("/proc/sys/fs/inotify/max_user_watches", 4_194_304),
+    ] {
+        let current = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if current.is_some_and(|c| c < wanted) {
+            match std::fs::write(file, wanted.to_string()) {
+                Ok(()) => tracing::info!("raised {file} from {} to {wanted}", current.unwrap_or(0)),
+                Err(e) => {
+                    tracing::warn!("cannot raise {file}: {e}; watchDir may fail on busy nodes")
+                }
+            }
+        }
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    raise_inotify_budget();
     let data_dir = prepare_data_dir(&args.data_dir)?;
     let store = Arc::new(Store::open(&data_dir.join("burrow.db"))?);
     let node_id = store.node_id()?;

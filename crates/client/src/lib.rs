@@ -267,8 +267,10 @@ impl Envd {
         }
     }
 
-    /// Runs `cmd` as the SDK does (subscribe to its exit, start it) and returns its exit code.
-    pub async fn exec(&mut self, process_id: &str, cmd: &str) -> Result<i64, Error> {
+    /// Runs `cmd` as the SDK does (subscribe to its exit, start it) and returns its exit code
+    /// once the exit notification arrives, with the subscription to close with
+    /// [`Envd::unsubscribe`].
+    pub async fn exec(&mut self, process_id: &str, cmd: &str) -> Result<(i64, String), Error> {
         let sub = self
             .call("process_subscribe", json!(["onExit", process_id]))
             .await?;
@@ -279,9 +281,16 @@ impl Envd {
         self.call("process_start", json!([process_id, cmd, {}, ""]))
             .await?;
         let code = self.notification(&sub).await?;
-        self.call("process_unsubscribe", json!([sub])).await?;
-        code.as_i64()
-            .ok_or_else(|| Error::Decode(format!("exit code {code}")))
+        let code = code
+            .as_i64()
+            .ok_or_else(|| Error::Decode(format!("exit code {code}")))?;
+        Ok((code, sub))
+    }
+
+    pub async fn unsubscribe(&mut self, sub: &str) -> Result<(), Error> {
+        self.call("process_unsubscribe", json!([sub]))
+            .await
+            .map(drop)
     }
 }
 

@@ -148,6 +148,13 @@ impl Cgroups {
                 }
             }
         }
+        let host = HostSize::read()?;
+        for h in &self.hierarchies {
+            for (name, value) in node_limit_files(h.role, &host) {
+                let file = h.node_dir.join(name);
+                fs::write(&file, value).ctx("write", &file)?;
+            }
+        }
         Ok(())
     }
 
@@ -341,6 +348,60 @@ pub(crate) fn sandbox_dirs(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 /// The files (and values) that set a sandbox's limits in one hierarchy.
+/// What the node's limits are computed from.
+#[derive(Debug, Clone, Copy)]
+struct HostSize {
+    /// `/proc/sys/kernel/pid_max`.
+    pid_max: u64,
+    /// `MemTotal` of `/proc/meminfo`, in bytes.
+    memory_bytes: u64,
+}
+
+impl HostSize {
+    fn read() -> Result<HostSize, Error> {
+        let pid_max_path = Path::new("/proc/sys/kernel/pid_max");
+        let meminfo_path = Path::new("/proc/meminfo");
+        let invalid = |path: &Path| {
+            let e = std::io::Error::new(ErrorKind::InvalidData, "unexpected content");
+            Err(e).ctx("parse", path)
+        };
+        let pid_max = fs::read_to_string(pid_max_path).ctx("read", pid_max_path)?;
+        let Ok(pid_max) = pid_max.trim().parse() else {
+            return invalid(pid_max_path);
+        };
+        let meminfo = fs::read_to_string(meminfo_path).ctx("read", meminfo_path)?;
+        let kib = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+        let Some(kib) = kib else {
+            return invalid(meminfo_path);
+        };
+        Ok(HostSize {
+            pid_max,
+            memory_bytes: kib << 10,
+        })
+    }
+}
+
+/// The limits of the node's cgroup, over all its sandboxes together, so that they never take
+/// every pid of the host nor make the host (and the server) run out of memory: an OOM stays in
+/// the node and kills a sandbox process. A quarter of the pids stays for the host; of the
+/// memory, 10% and at least 1 GiB (half of it on a host smaller than 2 GiB).
+fn node_limit_files(role: Role, host: &HostSize) -> Vec<(&'static str, String)> {
+    let pids = (host.pid_max / 4 * 3).to_string();
+    let reserve = (host.memory_bytes / 10)
+        .max(1 << 30)
+        .min(host.memory_bytes / 2);
+    let memory = (host.memory_bytes - reserve).to_string();
+    match role {
+        Role::Memory => vec![("memory.limit_in_bytes", memory)],
+        Role::Pids => vec![("pids.max", pids)],
+        Role::Unified { limits: true, .. } => vec![("memory.max", memory), ("pids.max", pids)],
+        Role::Cpu | Role::Unified { limits: false, .. } => Vec::new(),
+    }
+}
+
 fn limit_files(role: Role, limits: &Limits) -> Vec<(&'static str, String)> {
     let memory = limits.memory_bytes.to_string();
     let pids = limits.pids.to_string();
@@ -462,6 +523,50 @@ mod tests {
             }),
             "memory.max=536870912 memory.swap.max=0 pids.max=256 cpu.weight=50"
         );
+    }
+
+    #[test]
+    fn node_limits_leave_a_reserve_to_the_host() {
+        let show = |role, pid_max, gib: u64| {
+            let host = HostSize {
+                pid_max,
+                memory_bytes: gib << 30,
+            };
+            node_limit_files(role, &host)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let unified = Role::Unified {
+            limits: true,
+            cpu: true,
+        };
+        // 10% of 64 GiB is more than 1 GiB.
+        assert_eq!(
+            show(unified, 4_194_304, 64),
+            format!(
+                "memory.max={} pids.max=3145728",
+                (64u64 << 30) - (64u64 << 30) / 10
+            )
+        );
+        // 10% of 4 GiB is less than 1 GiB: 1 GiB stays.
+        assert_eq!(
+            show(Role::Memory, 32768, 4),
+            "memory.limit_in_bytes=3221225472"
+        );
+        // Below 2 GiB, half stays.
+        assert_eq!(
+            show(Role::Memory, 32768, 1),
+            "memory.limit_in_bytes=536870912"
+        );
+        assert_eq!(show(Role::Pids, 32768, 4), "pids.max=24576");
+        assert_eq!(show(Role::Cpu, 32768, 4), "");
+        let tracking = Role::Unified {
+            limits: false,
+            cpu: false,
+        };
+        assert_eq!(show(tracking, 32768, 4), "");
     }
 
     #[test]

@@ -167,3 +167,26 @@ fn sandbox_pids(node: &str, id: &str) -> Vec<i32> {
         .map(|line| line.parse().unwrap())
         .collect()
 }
+
+/// Once built, envd writes nothing to the init log (a file on the host no disk limit covers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envd_stdio_leaves_the_host_disk() {
+    let Some(f) = Fixture::new("stdio") else {
+        return;
+    };
+    let sandbox = f.backend.create(&f.spec()).await.unwrap();
+    let init = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .find(|pid| {
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            cgroup.contains(&sandbox.id) && comm.trim() == "burrow-init"
+        })
+        .expect("the sandbox's PID 1");
+    for fd in [1, 2] {
+        let target = std::fs::read_link(format!("/proc/{init}/fd/{fd}")).unwrap();
+        assert_eq!(target, PathBuf::from("/dev/null"), "fd {fd}");
+    }
+    f.backend.destroy(&sandbox.id).await.unwrap();
+}
