@@ -218,6 +218,26 @@ async fn time_to_interactive(client: &Client, env: &str) -> anyhow::Result<(Dura
     Ok((took, session))
 }
 
+/// `n` sessions made interactive at once; each one's time to interactive.
+async fn burst(server: &Server, env: &str, n: usize) -> anyhow::Result<Vec<(Duration, Session)>> {
+    let client = Arc::new(Client::new(
+        &format!("http://{}", server.client.addr()),
+        None,
+    )?);
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let client = client.clone();
+            let env = env.to_string();
+            tokio::spawn(async move { time_to_interactive(&client, &env).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
     println!("burrow bench: {} rounds, environment {env}", args.rounds);
@@ -295,28 +315,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     drop(envd);
     client.delete_session(&session.session_id).await?;
 
-    let client = Arc::new(Client::new(
-        &format!("http://{}", server.client.addr()),
-        None,
-    )?);
-    let tasks: Vec<_> = (0..args.concurrent)
-        .map(|_| {
-            let client = client.clone();
-            let env = env.to_string();
-            tokio::spawn(async move { time_to_interactive(&client, &env).await })
-        })
-        .collect();
     let mut tti = Vec::new();
-    for t in tasks {
-        let (took, s) = t.await??;
+    for (took, s) in burst(&server, env, args.concurrent).await? {
         tti.push(took);
-        client.delete_session(&s.session_id).await?;
+        server.client.delete_session(&s.session_id).await?;
     }
     row(
         &format!("time to interactive, no pool, {} at once", args.concurrent),
         &Samples::new(tti),
     );
 
+    let client = Arc::new(Client::new(
+        &format!("http://{}", server.client.addr()),
+        None,
+    )?);
     let before = MemoryProbe::take(server.pid(), None)?;
     let started = Instant::now();
     let mut idle = Vec::new();
@@ -392,21 +404,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
     let server = Server::start(args.concurrent, env).await?;
     server.wait_pool(env, args.concurrent).await?;
-    let client = Arc::new(Client::new(
-        &format!("http://{}", server.client.addr()),
-        None,
-    )?);
-    let tasks: Vec<_> = (0..args.concurrent)
-        .map(|_| {
-            let client = client.clone();
-            let env = env.to_string();
-            tokio::spawn(async move { time_to_interactive(&client, &env).await })
-        })
+    let tti: Vec<Duration> = burst(&server, env, args.concurrent)
+        .await?
+        .into_iter()
+        .map(|(took, _)| took)
         .collect();
-    let mut tti = Vec::new();
-    for t in tasks {
-        tti.push(t.await??.0);
-    }
     row(
         &format!(
             "time to interactive, pool of {0}, {0} at once",
