@@ -169,6 +169,10 @@ fn raise_inotify_budget() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     raise_inotify_budget();
+    // Bind first: a start that cannot listen must not print (and so waste) the admin key.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let data_dir = prepare_data_dir(&args.data_dir)?;
     let store = Arc::new(Store::open(&data_dir.join("burrow.db"))?);
     let node_id = store.node_id()?;
@@ -239,9 +243,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         domain: args.domain.clone(),
         auth_off,
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(
         node = %node_id,
         data_dir = %data_dir.display(),
