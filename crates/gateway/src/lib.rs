@@ -97,10 +97,36 @@ fn text(status: StatusCode, message: String) -> Response {
 }
 
 /// Forwards `req` to `port` of the sandbox whose envd listens on `socket`.
-pub async fn proxy(req: Request, socket: &Path, port: u16) -> Response {
+pub async fn proxy(mut req: Request, socket: &Path, port: u16) -> Response {
+    strip_credentials(&mut req);
     match try_proxy(req, socket, port).await {
         Ok(resp) => resp,
         Err(e) => text(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// Code in the sandbox is untrusted: it never sees the caller's burrow API key, whether the
+/// client sent it as the `X-API-Key` header or the `api_key` query parameter.
+fn strip_credentials(req: &mut Request) {
+    req.headers_mut().remove("x-api-key");
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some("api_key"))
+        .collect();
+    if kept.len() == query.split('&').count() {
+        return;
+    }
+    let path = req.uri().path();
+    let rebuilt = if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    if let Ok(uri) = rebuilt.parse() {
+        *req.uri_mut() = uri;
     }
 }
 
@@ -178,6 +204,26 @@ mod tests {
             port,
             session_id: s,
             client_id: c,
+        }
+    }
+
+    #[test]
+    fn credentials_never_reach_the_sandbox() {
+        for (uri, want) in [
+            ("/ws?api_key=e2b_secret", "/ws"),
+            ("/file?path=/a&api_key=k&x=1", "/file?path=/a&x=1"),
+            ("/file?path=/a", "/file?path=/a"),
+            ("/file?api_keyx=1", "/file?api_keyx=1"),
+            ("/", "/"),
+        ] {
+            let mut req = Request::builder()
+                .uri(uri)
+                .header("x-api-key", "e2b_secret")
+                .body(Body::empty())
+                .unwrap();
+            strip_credentials(&mut req);
+            assert_eq!(req.uri().to_string(), want);
+            assert!(req.headers().get("x-api-key").is_none());
         }
     }
 
