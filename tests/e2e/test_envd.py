@@ -53,3 +53,19 @@ def test_long_output_lines_are_split_not_dropped(server, team_key):
     body = out[:-1]
     assert all(len(line) <= 1 << 20 for line in body), [len(x) for x in body]
     assert "".join(body) == "x" * n, f"{sum(map(len, body))} of {n} bytes arrived"
+
+
+def test_processes_survive_a_dropped_websocket_and_a_new_one_drives_them(server, team_key):
+    doc = server.create_session(team_key)
+    pid = "survivor" + secrets.token_hex(4)
+    first = server.envd(doc)
+    first.call("process_start", [pid, "read line; echo got:$line", {}, ""])
+    first.close()  # the client goes away without a word, as a crashed SDK would
+    with server.envd(doc) as again:
+        out = again.call("process_subscribe", ["onStdout", pid])
+        done = again.call("process_subscribe", ["onExit", pid])
+        again.call("process_stdin", [pid, "hello\n"])
+        assert again.wait_notification(out)["line"] == "got:hello"
+        assert again.wait_notification(done) == 0
+        # The session itself is untouched by the drop.
+        assert again.run("echo still-here")[0] == ["still-here"]
