@@ -50,7 +50,11 @@ impl From<SessionError> for ApiError {
             SessionError::UnknownEnvironment { .. } | SessionError::Unavailable { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            SessionError::NotFound(_) => StatusCode::NOT_FOUND,
+            SessionError::NotFound(_) | SessionError::EnvironmentNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            SessionError::InvalidEnvironmentId(_) => StatusCode::BAD_REQUEST,
+            SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
             SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
             SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,

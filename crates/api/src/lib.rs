@@ -5,6 +5,7 @@
 //! hostname (`{port}-{sessionID}-{clientID}.{domain}`) goes to the gateway before any API
 //! routing, so uploads and websockets to sandboxes never meet the API's body limits.
 
+mod envs;
 mod error;
 mod openapi;
 mod server;
@@ -19,7 +20,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use burrow_gateway::Route;
 use burrow_sessions::{SessionInfo, Sessions};
@@ -53,6 +54,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/sessions", post(create_session).get(list_sessions))
         .route("/sessions/{session_id}", delete(delete_session))
         .route("/sessions/{session_id}/refresh", post(refresh_session))
+        .route("/envs", get(envs::list).post(envs::create))
+        .route(
+            "/envs/{code_snippet_id}",
+            post(envs::put).patch(envs::patch).delete(envs::delete),
+        )
+        .route("/envs/{code_snippet_id}/state", put(envs::set_state))
+        .route("/envs/{code_snippet_id}/title", put(envs::set_title))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::document))
@@ -220,28 +228,37 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
             )
         })?
         .map_err(|_| too_large())?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+        let bad = |e: String| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("Error when parsing request: {e}"),
             )
-        })
+        };
+        // Every body of the API is an object; serde would also read a struct from an array.
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if !value.is_object() {
+            return Err(bad("the body must be a JSON object".into()));
+        }
+        serde_json::from_value(value)
+            .map(JsonBody)
+            .map_err(|e| bad(e.to_string()))
     }
 }
 
-/// The `{sessionID}` path segment, rejected in the API's error shape (axum's own rejection is
-/// plain text), e.g. when its percent-decoding is not UTF-8.
-struct SessionId(String);
+/// An ID path segment (`{sessionID}`, `{codeSnippetID}`), rejected in the API's error shape
+/// (axum's own rejection is plain text), e.g. when its percent-decoding is not UTF-8.
+struct PathId(String);
 
-impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(SessionId(id)),
+            Ok(Path(id)) => Ok(PathId(id)),
             Err(rejection) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("invalid session ID in the path: {}", rejection.body_text()),
+                format!("invalid ID in the path: {}", rejection.body_text()),
             )),
         }
     }
@@ -337,7 +354,7 @@ async fn list_sessions(State(app): Shared, key: Key) -> Result<Json<Vec<SessionB
 async fn delete_session(
     State(app): Shared,
     key: Key,
-    SessionId(session_id): SessionId,
+    PathId(session_id): PathId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key)?;
     app.sessions.delete(&session_id, &principal).await?;
@@ -357,7 +374,7 @@ async fn delete_session(
 async fn refresh_session(
     State(app): Shared,
     key: Key,
-    SessionId(session_id): SessionId,
+    PathId(session_id): PathId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.principal(key)?;
     app.sessions.refresh(&session_id, principal.as_ref())?;
@@ -398,7 +415,7 @@ mod tests {
 
     async fn echo(
         key: Key,
-        SessionId(id): SessionId,
+        PathId(id): PathId,
         JsonBody(body): JsonBody<NewSession>,
     ) -> Json<Value> {
         Json(

@@ -23,10 +23,27 @@ use crate::AppState;
         super::list_sessions,
         super::delete_session,
         super::refresh_session,
+        super::envs::list,
+        super::envs::create,
+        super::envs::put,
+        super::envs::patch,
+        super::envs::set_state,
+        super::envs::set_title,
+        super::envs::delete,
         super::health,
         super::metrics
     ),
-    components(schemas(super::NewSession, super::SessionBody, super::error::ErrorBody)),
+    components(schemas(
+        super::NewSession,
+        super::SessionBody,
+        super::error::ErrorBody,
+        super::envs::NewEnvironment,
+        super::envs::EnvironmentPatch,
+        super::envs::EnvironmentStateBody,
+        super::envs::StateName,
+        super::envs::EnvironmentTitle,
+        super::envs::EnvironmentBody
+    )),
     modifiers(&KeySchemes)
 )]
 pub(crate) struct Doc;
@@ -69,11 +86,14 @@ pub(crate) async fn document(State(app): State<Arc<AppState>>) -> Json<Value> {
         .map(|env| Value::String(env.name.clone()))
         .collect();
     let mut doc = serde_json::to_value(Doc::openapi()).unwrap_or_default();
-    if let Some(property) =
-        doc.pointer_mut("/components/schemas/NewSession/properties/codeSnippetID")
-        && let Some(property) = property.as_object_mut()
-    {
-        property.insert("enum".to_owned(), Value::Array(available));
+    for pointer in [
+        "/components/schemas/NewSession/properties/codeSnippetID",
+        "/components/schemas/NewEnvironment/properties/template",
+        "/components/schemas/EnvironmentPatch/properties/template",
+    ] {
+        if let Some(property) = doc.pointer_mut(pointer).and_then(Value::as_object_mut) {
+            property.insert("enum".to_owned(), Value::Array(available.clone()));
+        }
     }
     Json(doc)
 }

@@ -5,6 +5,7 @@
 //! (so a restart can adopt its sandbox). A session leaves `live` before its sandbox is destroyed,
 //! so nothing routes to a sandbox that is going away.
 
+mod custom;
 mod metrics;
 mod pool;
 mod timers;
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use burrow_environments::{Catalog, Environment};
 use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
-use burrow_store::{Principal, SessionRow, Store};
+use burrow_store::{EnvironmentState, Principal, SessionRow, Store};
 
+pub use custom::EnvironmentUpdate;
 pub use metrics::Metrics;
 use pool::Pool;
 use timers::Timers;
@@ -49,6 +51,14 @@ pub enum Error {
     Unavailable { name: String, reason: String },
     #[error("session '{0}' was not found")]
     NotFound(String),
+    #[error(
+        "environment '{0}' was not found among your team's environments (GET /envs lists them)"
+    )]
+    EnvironmentNotFound(String),
+    #[error("environment ID {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-]")]
+    InvalidEnvironmentId(String),
+    #[error("environment ID {0:?} is taken; choose another, or POST /envs for a fresh one")]
+    EnvironmentIdTaken(String),
     #[error("this API key does not own session '{0}'")]
     NotOwner(String),
     #[error("cannot create a session right now: {0}")]
@@ -270,18 +280,29 @@ impl Sessions {
         }
     }
 
-    fn environment(&self, name: &str) -> Result<Arc<Environment>, Error> {
-        let catalog = &self.inner.catalog;
-        let Some(env) = catalog.get(name) else {
-            let available: Vec<&str> = catalog
-                .list()
-                .iter()
-                .filter(|e| e.availability.is_ok())
-                .map(|e| e.name.as_str())
-                .collect();
+    /// A built-in environment by name, or a custom environment of the principal's team by ID
+    /// (which runs its template's image); other teams' custom IDs are simply unknown.
+    fn environment(&self, principal: &Principal, name: &str) -> Result<Arc<Environment>, Error> {
+        if let Some(custom) = self.inner.store.environment(principal.team_id, name)? {
+            if custom.state != EnvironmentState::Done {
+                return Err(Error::Unavailable {
+                    name: name.to_string(),
+                    reason: format!(
+                        "its state is {}; set it to Done with PUT /envs/{name}/state",
+                        custom.state.as_str()
+                    ),
+                });
+            }
+            return self.builtin(&custom.template);
+        }
+        self.builtin(name)
+    }
+
+    fn builtin(&self, name: &str) -> Result<Arc<Environment>, Error> {
+        let Some(env) = self.inner.catalog.get(name) else {
             return Err(Error::UnknownEnvironment {
                 name: name.to_string(),
-                available: available.join(", "),
+                available: self.available().join(", "),
             });
         };
         if let Err(reason) = &env.availability {
@@ -291,6 +312,17 @@ impl Sessions {
             });
         }
         Ok(env.clone())
+    }
+
+    /// Names of the built-in environments this node can run.
+    pub fn available(&self) -> Vec<String> {
+        self.inner
+            .catalog
+            .list()
+            .iter()
+            .filter(|e| e.availability.is_ok())
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     /// Creates a session, or for `edit_enabled` returns the team's existing edit session of that
@@ -318,12 +350,12 @@ impl Sessions {
         environment: &str,
         edit_enabled: bool,
     ) -> Result<SessionInfo, Error> {
-        let env = self.environment(environment)?;
+        let env = self.environment(principal, environment)?;
         let _edit_guard = if edit_enabled {
             let guard = self.inner.edit_create.lock().await;
             let live = self.live();
             let existing = live.iter().find(|(_, l)| {
-                l.edit_enabled && l.team_id == principal.team_id && l.environment == env.name
+                l.edit_enabled && l.team_id == principal.team_id && l.environment == environment
             });
             if let Some((id, l)) = existing {
                 return Ok(self.info(id, l));
@@ -353,7 +385,7 @@ impl Sessions {
         let row = SessionRow {
             id: id.clone(),
             team_id: principal.team_id,
-            environment: env.name.clone(),
+            environment: environment.to_string(),
             edit_enabled,
             sandbox_id: sandbox.id.clone(),
             created_at: unix_ms(SystemTime::now()),
@@ -365,7 +397,7 @@ impl Sessions {
         }
         let live = Live {
             team_id: principal.team_id,
-            environment: env.name.clone(),
+            environment: environment.to_string(),
             edit_enabled,
             sandbox,
             deadline,

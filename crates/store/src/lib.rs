@@ -4,6 +4,7 @@
 //! Several processes use the file at once (the server and `burrow keys …`), so every write is a
 //! short transaction and readers wait on a busy timeout instead of failing.
 
+mod environments;
 mod keys;
 mod schema;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use environments::{CustomEnvironment, EnvironmentState};
 pub use keys::{KeyInfo, NewKey, Principal, random_alnum};
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,15 @@ const MIGRATIONS: &[&str] = &[
          created_at INTEGER NOT NULL,
          expires_at INTEGER NOT NULL
      );",
+    // 2: custom environments of a team, derived from a built-in template.
+    "CREATE TABLE environments (
+         id TEXT PRIMARY KEY,
+         team_id INTEGER NOT NULL REFERENCES teams(id),
+         template TEXT NOT NULL,
+         title TEXT NOT NULL,
+         state TEXT NOT NULL,
+         created_at INTEGER NOT NULL
+     );",
 ];
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -1,0 +1,99 @@
+//! A team's custom environments (the `/envs` API): its own IDs for a built-in template, usable as
+//! `codeSnippetID` by that team only.
+
+use burrow_store::{CustomEnvironment, EnvironmentState, Principal};
+
+use crate::{Error, Sessions};
+
+/// What may change in an existing custom environment.
+#[derive(Debug, Default)]
+pub struct EnvironmentUpdate {
+    pub template: Option<String>,
+    pub title: Option<String>,
+    pub state: Option<EnvironmentState>,
+}
+
+/// Custom IDs live in the same namespace as built-in names and DNS-safe session hostnames do
+/// not carry them, but clients do put them in URLs: keep them short and plain.
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Sessions {
+    pub fn custom_environments(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<CustomEnvironment>, Error> {
+        Ok(self.inner.store.environments(principal.team_id)?)
+    }
+
+    /// Creates a custom environment from a built-in `template`, with the given ID or a new one;
+    /// an existing one of the team's with that ID is replaced.
+    pub fn put_custom_environment(
+        &self,
+        principal: &Principal,
+        id: Option<&str>,
+        template: &str,
+        title: Option<&str>,
+    ) -> Result<CustomEnvironment, Error> {
+        self.builtin(template)?;
+        let id = match id {
+            Some(id) if !valid_id(id) => {
+                return Err(Error::InvalidEnvironmentId(id.to_string()));
+            }
+            Some(id) if self.inner.catalog.get(id).is_some() => {
+                return Err(Error::EnvironmentIdTaken(id.to_string()));
+            }
+            Some(id) => id.to_string(),
+            None => burrow_store::random_alnum(12),
+        };
+        let env = CustomEnvironment {
+            team_id: principal.team_id,
+            template: template.to_string(),
+            title: title.unwrap_or(template).to_string(),
+            state: EnvironmentState::Done,
+            id,
+        };
+        if !self.inner.store.put_environment(&env)? {
+            return Err(Error::EnvironmentIdTaken(env.id));
+        }
+        Ok(env)
+    }
+
+    pub fn update_custom_environment(
+        &self,
+        principal: &Principal,
+        id: &str,
+        update: EnvironmentUpdate,
+    ) -> Result<(), Error> {
+        let mut env = self
+            .inner
+            .store
+            .environment(principal.team_id, id)?
+            .ok_or_else(|| Error::EnvironmentNotFound(id.to_string()))?;
+        if let Some(template) = update.template {
+            self.builtin(&template)?;
+            env.template = template;
+        }
+        if let Some(title) = update.title {
+            env.title = title;
+        }
+        if let Some(state) = update.state {
+            env.state = state;
+        }
+        self.inner.store.put_environment(&env)?;
+        Ok(())
+    }
+
+    /// Deletes a custom environment; sessions already running from it keep running.
+    pub fn delete_custom_environment(&self, principal: &Principal, id: &str) -> Result<(), Error> {
+        if self.inner.store.delete_environment(principal.team_id, id)? {
+            Ok(())
+        } else {
+            Err(Error::EnvironmentNotFound(id.to_string()))
+        }
+    }
+}
