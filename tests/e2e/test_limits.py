@@ -63,3 +63,18 @@ def test_session_caps_per_team_and_per_server_answer_429(new_server):
     # Capacity comes back when a session goes.
     assert srv.delete(first[0]["sessionID"], a).status == 204
     srv.create_session(b, "Bash")
+
+
+def test_concurrent_creates_cannot_overshoot_the_cap(new_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = new_server(pool_size=0, extra_args=["--max-sessions-per-team", "3"])
+    key = srv.create_key("burst")
+
+    def create(_):
+        return srv.request("POST", f"/sessions?api_key={key}", body={"codeSnippetID": "Bash"}).status
+
+    with ThreadPoolExecutor(10) as pool:
+        statuses = sorted(pool.map(create, range(10)))
+    assert statuses == [201] * 3 + [429] * 7, statuses
+    assert len(srv.list_sessions(key)) == 3

@@ -98,11 +98,36 @@ struct Inner {
     backend: Arc<dyn Backend>,
     catalog: Arc<Catalog>,
     live: Mutex<HashMap<String, Live>>,
+    /// Creates in flight per team (see [`Sessions::reserve`]); locked after `live`.
+    pending: Mutex<HashMap<i64, usize>>,
     /// Serialises edit-session creation so one (team, environment) never gets two.
     edit_create: tokio::sync::Mutex<()>,
     timers: Timers,
     pool: Pool,
     metrics: Metrics,
+}
+
+/// A create's claim on one session of its team's (and the node's) capacity.
+struct Slot<'a> {
+    sessions: &'a Sessions,
+    team_id: i64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut pending = self
+            .sessions
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pending.get_mut(&self.team_id) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.team_id);
+            }
+        }
+    }
 }
 
 /// The sessions of this node. Cheap to clone.
@@ -161,6 +186,7 @@ impl Sessions {
                 backend,
                 catalog,
                 live: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::new()),
                 edit_create: tokio::sync::Mutex::new(()),
                 timers: Timers::default(),
                 metrics: Metrics::default(),
@@ -353,18 +379,26 @@ impl Sessions {
         let env = self.environment(principal, environment)?;
         let _edit_guard = if edit_enabled {
             let guard = self.inner.edit_create.lock().await;
-            let live = self.live();
-            let existing = live.iter().find(|(_, l)| {
-                l.edit_enabled && l.team_id == principal.team_id && l.environment == environment
-            });
-            if let Some((id, l)) = existing {
-                return Ok(self.info(id, l));
+            let existing = {
+                let live = self.live();
+                live.iter()
+                    .find(|(_, l)| {
+                        l.edit_enabled
+                            && l.team_id == principal.team_id
+                            && l.environment == environment
+                    })
+                    .map(|(id, l)| self.info(id, l))
+            };
+            if let Some(info) = existing {
+                // Joining the shared session counts as a refresh of it.
+                self.refresh(&info.session_id, Some(principal))?;
+                return Ok(info);
             }
             Some(guard)
         } else {
             None
         };
-        self.check_capacity(principal)?;
+        let _slot = self.reserve(principal)?;
         let sandbox = match self.inner.pool.take(&env.name, &*self.inner.backend).await {
             Some(sandbox) => sandbox,
             None => {
@@ -409,12 +443,17 @@ impl Sessions {
         Ok(info)
     }
 
-    /// Refuses a create that would take the node or the team past its session limit, so one key
-    /// cannot take every process and byte of memory the node has.
-    fn check_capacity(&self, principal: &Principal) -> Result<(), Error> {
+    /// Takes a slot for one more session of the principal's team, refusing one that would take
+    /// the node or the team past its limit, so one key cannot take every process and byte of
+    /// memory the node has. Slots of creates still in flight count, so concurrent creates
+    /// cannot overshoot; the slot is given back when the create ends (its session, if any, is
+    /// in `live` by then).
+    fn reserve(&self, principal: &Principal) -> Result<Slot<'_>, Error> {
         let config = &self.inner.config;
         let live = self.live();
-        if live.len() >= config.max_sessions {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let all = live.len() + pending.values().sum::<usize>();
+        if all >= config.max_sessions {
             return Err(Error::TooMany {
                 scope: "this server",
                 limit: config.max_sessions,
@@ -424,7 +463,8 @@ impl Sessions {
         let team = live
             .values()
             .filter(|l| l.team_id == principal.team_id)
-            .count();
+            .count()
+            + pending.get(&principal.team_id).copied().unwrap_or(0);
         if team >= config.max_sessions_per_team {
             return Err(Error::TooMany {
                 scope: "your team",
@@ -432,7 +472,11 @@ impl Sessions {
                 flag: "max-sessions-per-team",
             });
         }
-        Ok(())
+        *pending.entry(principal.team_id).or_default() += 1;
+        Ok(Slot {
+            sessions: self,
+            team_id: principal.team_id,
+        })
     }
 
     /// Re-arms the session's TTL. Without a key the session ID is the capability (the SDK
