@@ -67,6 +67,18 @@ impl Client {
         })
     }
 
+    /// A fresh connection to the server; small interactive frames are sent at once (no Nagle).
+    async fn connect(&self) -> Result<TcpStream, Error> {
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        Ok(stream)
+    }
+
     /// `host:port` of the server.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -87,13 +99,7 @@ impl Client {
         host: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), Error> {
-        let stream = TcpStream::connect(&self.addr)
-            .await
-            .map_err(|source| Error::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        stream.set_nodelay(true).ok();
+        let stream = self.connect().await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -188,13 +194,7 @@ pub struct Envd {
 impl Client {
     /// Opens envd's websocket of `session`, reached as `49982-{sessionID}-{clientID}.{domain}`.
     pub async fn envd(&self, session: &Session, domain: &str) -> Result<Envd, Error> {
-        let stream = TcpStream::connect(&self.addr)
-            .await
-            .map_err(|source| Error::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        stream.set_nodelay(true).ok();
+        let stream = self.connect().await?;
         let host = format!(
             "49982-{}-{}.{domain}",
             session.session_id, session.client_id
