@@ -24,6 +24,24 @@ pub struct BenchArgs {
     /// Environment to benchmark.
     #[arg(long, default_value = "Bash")]
     env: String,
+    /// Run only these sections (all when omitted).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+/// The parts of the run, each on its own server.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// The raw `unshare` + exec baseline.
+    Baseline,
+    /// Creates, destroys, exec round trips and time to interactive without a pool.
+    NoPool,
+    /// Host memory per idle sandbox.
+    Idle,
+    /// Creates and time to interactive from the pool.
+    Pool,
+    /// Time to interactive of a burst, with a pool sized for it.
+    Burst,
 }
 
 const DOMAIN: &str = "localhost";
@@ -239,13 +257,34 @@ async fn burst(server: &Server, env: &str, n: usize) -> anyhow::Result<Vec<(Dura
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let env = args.env.as_str();
-    println!("burrow bench: {} rounds, environment {env}", args.rounds);
+    println!(
+        "burrow bench: {} rounds, environment {}",
+        args.rounds, args.env
+    );
     println!(
         "{:<52} {:>12} {:>12} {:>6}",
         "measurement", "p50", "p99", "n"
     );
+    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    if wanted(Section::Baseline) {
+        baseline(&args).await?;
+    }
+    if wanted(Section::NoPool) {
+        no_pool(&args).await?;
+    }
+    if wanted(Section::Idle) {
+        idle(&args).await?;
+    }
+    if wanted(Section::Pool) {
+        pool(&args).await?;
+    }
+    if wanted(Section::Burst) {
+        pool_burst(&args).await?;
+    }
+    Ok(())
+}
 
+async fn baseline(args: &BenchArgs) -> anyhow::Result<()> {
     let mut baseline = Vec::new();
     for _ in 0..args.rounds {
         let start = Instant::now();
@@ -266,8 +305,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "baseline: unshare (same namespaces) + exec true",
         &Samples::new(baseline),
     );
+    Ok(())
+}
 
-    // Without the pool: every create starts a sandbox.
+/// Without the pool: every create starts a sandbox.
+async fn no_pool(args: &BenchArgs) -> anyhow::Result<()> {
+    let env = args.env.as_str();
     let server = Server::start(0, env).await?;
     let client = &server.client;
     let (mut create, mut destroy) = (Vec::new(), Vec::new());
@@ -324,7 +367,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &format!("time to interactive, no pool, {} at once", args.concurrent),
         &Samples::new(tti),
     );
+    server.stop().await
+}
 
+async fn idle(args: &BenchArgs) -> anyhow::Result<()> {
+    let env = args.env.as_str();
+    let server = Server::start(0, env).await?;
     let client = Arc::new(Client::new(
         &format!("http://{}", server.client.addr()),
         None,
@@ -373,10 +421,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         idle.len()
     );
-    server.stop().await?;
+    server.stop().await
+}
 
-    // From the pool: each create takes a ready sandbox; the pool refills between rounds.
+/// From the pool: each create takes a ready sandbox; the pool refills between rounds.
+async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
     const POOL: usize = 2;
+    let env = args.env.as_str();
     let server = Server::start(POOL, env).await?;
     let client = &server.client;
     let (mut create, mut tti) = (Vec::new(), Vec::new());
@@ -399,9 +450,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "time to interactive, from the pool, sequential",
         &Samples::new(tti),
     );
-    server.stop().await?;
+    server.stop().await
+}
 
-    // A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
+/// A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
+async fn pool_burst(args: &BenchArgs) -> anyhow::Result<()> {
+    let env = args.env.as_str();
     let server = Server::start(args.concurrent, env).await?;
     server.wait_pool(env, args.concurrent).await?;
     let tti: Vec<Duration> = burst(&server, env, args.concurrent)
@@ -416,6 +470,5 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ),
         &Samples::new(tti),
     );
-    server.stop().await?;
-    Ok(())
+    server.stop().await
 }
