@@ -56,6 +56,7 @@ fn envd_config(config: InitConfig) -> burrow_envd::Config {
         gid: config.user.gid,
         user: config.user.name,
         home: config.user.home,
+        workdir: config.workdir,
         shell: config.user.shell,
         env: config.env,
     }
@@ -80,7 +81,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn run_in_sandbox(args: RunArgs) -> anyhow::Result<i32> {
     let catalog = Catalog::load(&args.data_dir, RuntimeConfig::DEFAULT_UID_BASE)?;
     let Some(environment) = catalog.get(&args.environment) else {
-        let names: Vec<&str> = catalog.list().iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<String> = catalog.list().iter().map(|e| e.name.clone()).collect();
         anyhow::bail!(
             "unknown environment {:?}; the environments are {}",
             args.environment,

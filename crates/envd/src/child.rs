@@ -47,10 +47,15 @@ pub(crate) fn resolve(config: &Config, path: &str) -> PathBuf {
     config.home.join(path)
 }
 
-/// The working directory for a child: `""` means home. Checked here because a failing `chdir`
-/// in the child only comes back as a bare errno.
+/// The working directory for a child: `""` means the environment's working directory, relative
+/// paths start at home. Checked here because a failing `chdir` in the child only comes back as
+/// a bare errno.
 pub(crate) fn working_dir(config: &Config, cwd: &str) -> Result<PathBuf, String> {
-    let dir = resolve(config, cwd);
+    let dir = if cwd.is_empty() {
+        config.workdir.clone()
+    } else {
+        resolve(config, cwd)
+    };
     match std::fs::metadata(&dir) {
         Ok(meta) if meta.is_dir() => Ok(dir),
         Ok(_) => Err(format!("chdir {}: not a directory", dir.display())),
@@ -248,6 +253,7 @@ mod tests {
             gid: 0,
             user: "user".into(),
             home: "/home/user".into(),
+            workdir: "/home/user".into(),
             shell: "/bin/bash".into(),
             env: vec![("PATH".into(), "/bin".into())],
         };

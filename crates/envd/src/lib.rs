@@ -42,8 +42,11 @@ pub struct Config {
     pub gid: u32,
     /// The user's name (`USER`, `LOGNAME`).
     pub user: String,
-    /// The user's home (`HOME`, default working directory, default upload directory).
+    /// The user's home (`HOME`, default upload directory, base of relative paths).
     pub home: PathBuf,
+    /// Where processes and terminals start when the request names no directory (the
+    /// environment definition's `workdir`; the home in built-in environments).
+    pub workdir: PathBuf,
     /// The login shell used as `$SHELL -l -c CMD` for processes and `$SHELL -i -l` for terminals.
     pub shell: PathBuf,
     /// Base environment every process and terminal starts from (PATH, LANG, ...), before

@@ -30,6 +30,8 @@ const PATIENCE: Duration = Duration::from_secs(15);
 pub struct Sandbox {
     root: PathBuf,
     pub home: PathBuf,
+    /// The default working directory, beside home.
+    pub workdir: PathBuf,
     socket: PathBuf,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -43,6 +45,8 @@ impl Sandbox {
         ));
         let home = root.join("home");
         std::fs::create_dir_all(&home).unwrap();
+        let workdir = root.join("work");
+        std::fs::create_dir_all(&workdir).unwrap();
         let socket = root.join("envd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let config = Config {
@@ -50,6 +54,7 @@ impl Sandbox {
             gid: nix::unistd::getgid().as_raw(),
             user: "user".to_owned(),
             home: home.clone(),
+            workdir: workdir.clone(),
             shell: "/bin/bash".into(),
             env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
         };
@@ -57,6 +62,7 @@ impl Sandbox {
         Self {
             root,
             home,
+            workdir,
             socket,
             server,
         }

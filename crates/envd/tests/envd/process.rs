@@ -39,6 +39,7 @@ async fn environment_and_working_directory() {
     )
     .await;
     let home = sandbox.home.display().to_string();
+    let workdir = sandbox.workdir.display().to_string();
     assert_eq!(
         run_env.stdout,
         [
@@ -46,7 +47,7 @@ async fn environment_and_working_directory() {
             home.as_str(),
             "user user",
             "/bin/bash",
-            home.as_str()
+            workdir.as_str()
         ]
     );
 
@@ -238,7 +239,7 @@ async fn a_client_that_does_not_read_throttles_the_process() {
     let flood = r#"awk 'BEGIN { s = sprintf("%4000s", ""); for (i = 1; i <= 200000; i++) { print s; if (i % 1000 == 0) { print i > "progress"; close("progress") } } }'"#;
     idle.ok("process_start", json!(["flood", flood, {}, ""]))
         .await;
-    let progress = sandbox.home.join("progress");
+    let progress = sandbox.workdir.join("progress");
     let lines_written = || {
         std::fs::read_to_string(&progress)
             .ok()

@@ -49,8 +49,8 @@ async fn interactive_shell_echo_resize_destroy() {
     );
     rpc.ok("terminal_data", json!(["term", "stty size; pwd\n"]))
         .await;
-    let home = format!("{}\r\n", sandbox.home.display());
-    let output = output_until(&mut rpc, &data, &home).await;
+    let workdir = format!("{}\r\n", sandbox.workdir.display());
+    let output = output_until(&mut rpc, &data, &workdir).await;
     assert!(output.contains("30 100\r\n"), "{output}");
 
     assert_eq!(
