@@ -95,12 +95,10 @@ pub(crate) async fn create(
     JsonBody(body): JsonBody<NewEnvironment>,
 ) -> Result<Json<EnvironmentBody>, ApiError> {
     let principal = app.require(key)?;
-    let env = app.sessions.put_custom_environment(
-        &principal,
-        None,
-        &body.template,
-        body.title.as_deref(),
-    )?;
+    let env = app
+        .sessions
+        .put_custom_environment(&principal, None, &body.template, body.title.as_deref())
+        .await?;
     Ok(Json(env.into()))
 }
 
@@ -120,12 +118,9 @@ pub(crate) async fn put(
     JsonBody(body): JsonBody<NewEnvironment>,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key)?;
-    app.sessions.put_custom_environment(
-        &principal,
-        Some(&id),
-        &body.template,
-        body.title.as_deref(),
-    )?;
+    app.sessions
+        .put_custom_environment(&principal, Some(&id), &body.template, body.title.as_deref())
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -137,7 +132,8 @@ async fn update(
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key)?;
     app.sessions
-        .update_custom_environment(&principal, &id, update)?;
+        .update_custom_environment(&principal, &id, update)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -227,6 +223,8 @@ pub(crate) async fn delete(
     PathId(id): PathId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key)?;
-    app.sessions.delete_custom_environment(&principal, &id)?;
+    app.sessions
+        .delete_custom_environment(&principal, &id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -57,7 +57,10 @@ impl From<SessionError> for ApiError {
             SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
             SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
             SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
-            SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SessionError::Sandbox(_)
+            | SessionError::Store(_)
+            | SessionError::Environment(_)
+            | SessionError::EditsLost { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }

@@ -97,23 +97,34 @@ impl Image {
     /// A new shared lock on this version, for a sandbox to hold for its whole life. The
     /// descriptor is close-on-exec; the lock lasts until every copy of it is closed.
     pub fn pin(&self) -> Result<OwnedFd, Error> {
-        let path = self.dir.join(VERSION_LOCK);
-        let file = open_version_lock(&path).ctx("open", &path)?;
-        // `self.held` keeps collectors away, so this cannot meet an exclusive lock, and the file
-        // at the path is still the one it locks.
-        flock(&file, libc::LOCK_SH | libc::LOCK_NB).ctx("lock", &path)?;
-        let held = fs::File::from(self.held.try_clone().ctx("duplicate", &path)?);
-        match (file.metadata(), held.metadata()) {
-            (Ok(new), Ok(old)) if (new.dev(), new.ino()) == (old.dev(), old.ino()) => {
-                Ok(file.into())
-            }
-            _ => Err(Error::Io {
-                action: "pin",
-                path,
-                source: std::io::Error::other("the version's lock file was replaced"),
-            }),
-        }
+        pin_version(&self.dir, &self.held)
     }
+}
+
+/// A new shared lock on the version at `dir`, which `held` (a shared lock of it) keeps from
+/// collection.
+pub(crate) fn pin_version(dir: &Path, held: &OwnedFd) -> Result<OwnedFd, Error> {
+    let path = dir.join(VERSION_LOCK);
+    let file = open_version_lock(&path).ctx("open", &path)?;
+    // `held` keeps collectors away, so this cannot meet an exclusive lock, and the file at the
+    // path is still the one it locks.
+    flock(&file, libc::LOCK_SH | libc::LOCK_NB).ctx("lock", &path)?;
+    let held = fs::File::from(held.try_clone().ctx("duplicate", &path)?);
+    match (file.metadata(), held.metadata()) {
+        (Ok(new), Ok(old)) if (new.dev(), new.ino()) == (old.dev(), old.ino()) => Ok(file.into()),
+        _ => Err(Error::Io {
+            action: "pin",
+            path,
+            source: std::io::Error::other("the version's lock file was replaced"),
+        }),
+    }
+}
+
+/// The current version of one environment, taken into use: its name, directory and lock.
+pub(crate) struct Held {
+    pub version: String,
+    pub dir: PathBuf,
+    pub lock: OwnedFd,
 }
 
 /// What a garbage collection of one environment did.
@@ -129,9 +140,12 @@ pub struct Collected {
 
 impl Images {
     pub fn new(data_dir: &Path) -> Images {
-        Images {
-            root: data_dir.join(IMAGES_DIR),
-        }
+        Images::at(data_dir.join(IMAGES_DIR))
+    }
+
+    /// Versioned environments under `root`, in the layout of the module docs.
+    pub(crate) fn at(root: PathBuf) -> Images {
+        Images { root }
     }
 
     pub(crate) fn env_dir(&self, name: &str) -> PathBuf {
@@ -150,6 +164,23 @@ impl Images {
 
     /// The current image of `name`, taken into use; `None` if it was never built.
     pub fn current(&self, name: &str) -> Result<Option<Image>, Error> {
+        let Some(held) = self.take_current(name)? else {
+            return Ok(None);
+        };
+        let metadata = read_metadata(&held.dir)?;
+        Ok(Some(Image {
+            name: name.to_owned(),
+            version: held.version,
+            dir: held.dir,
+            recipe: metadata.recipe,
+            uid_base: metadata.uid_base,
+            held: Arc::new(held.lock),
+        }))
+    }
+
+    /// The version `current` names, taken into use (a shared lock on it); `None` if there is
+    /// none.
+    pub(crate) fn take_current(&self, name: &str) -> Result<Option<Held>, Error> {
         let env_dir = self.env_dir(name);
         // A garbage collection may delete the version between reading `current` and locking it;
         // it never deletes the one `current` names, so the next round finds a stable one.
@@ -175,14 +206,10 @@ impl Images {
             if !same_file(&file, &lock_path) {
                 continue;
             }
-            let metadata = read_metadata(&dir)?;
-            return Ok(Some(Image {
-                name: name.to_owned(),
+            return Ok(Some(Held {
                 version,
                 dir,
-                recipe: metadata.recipe,
-                uid_base: metadata.uid_base,
-                held: Arc::new(file.into()),
+                lock: file.into(),
             }));
         }
         Err(Error::Io {
@@ -218,15 +245,31 @@ impl Images {
 
     /// The environment's exclusive lock, if no build or collection holds it.
     pub(crate) fn try_lock(&self, name: &str) -> Result<Option<EnvLock>, Error> {
+        self.env_lock(name, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    /// The environment's exclusive lock, waiting for a build or collection that holds it.
+    pub(crate) fn lock(&self, name: &str) -> Result<EnvLock, Error> {
+        Ok(self
+            .env_lock(name, libc::LOCK_EX)?
+            .expect("a blocking flock either locks or fails"))
+    }
+
+    fn env_lock(&self, name: &str, operation: libc::c_int) -> Result<Option<EnvLock>, Error> {
         let dir = self.env_dir(name);
         fs::create_dir_all(&dir).ctx("create", &dir)?;
         let path = dir.join(ENV_LOCK);
         let file = open_env_lock(&path).ctx("open", &path)?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        match flock(&file, operation) {
             Ok(()) => Ok(Some(EnvLock { file })),
             Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e).ctx("lock", &path),
         }
+    }
+
+    /// Makes `name` have no current version (the next collection removes its unused ones).
+    pub(crate) fn clear_current(&self, name: &str, _lock: &EnvLock) -> Result<(), Error> {
+        remove_path(&self.env_dir(name).join(CURRENT))
     }
 
     /// Deletes the versions of `name` that are neither current nor in use, and leftovers of

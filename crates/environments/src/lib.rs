@@ -15,16 +15,18 @@ pub mod build;
 pub mod definition;
 mod host;
 pub mod images;
+pub mod snapshots;
 mod sources;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 pub use definition::Definition;
 pub use images::{Image, Images};
+pub use snapshots::{Snapshot, Snapshots};
 
 /// The hostname of every sandbox; the generated `/etc/hosts` and `/etc/hostname` name it.
 pub const HOSTNAME: &str = "sandbox";
@@ -71,21 +73,38 @@ pub struct Environment {
     /// The built image `rootfs` belongs to, held in use while this lives; `None` for the
     /// host-based default.
     pub image: Option<Image>,
+    /// For a custom environment with saved edits: the version `rootfs` belongs to (which then
+    /// is a whole root of its own, no longer the image's).
+    pub snapshot: Option<Snapshot>,
 }
 
 impl Environment {
-    /// A lock that keeps the environment's image version from garbage collection for as long as
-    /// the descriptor (or any copy of it) stays open: a sandbox's init holds it for the
-    /// sandbox's life. `None` for the host-based default, which is never collected.
+    /// A lock that keeps the environment's root (image or snapshot version) from garbage
+    /// collection for as long as the descriptor (or any copy of it) stays open: a sandbox's init
+    /// holds it for the sandbox's life. `None` for the host-based default, never collected.
     pub fn pin(&self) -> Result<Option<OwnedFd>, Error> {
-        self.image.as_ref().map(Image::pin).transpose()
+        match (&self.snapshot, &self.image) {
+            (Some(snapshot), _) => snapshot.pin().map(Some),
+            (None, image) => image.as_ref().map(Image::pin).transpose(),
+        }
     }
 
-    /// `image <version>` or `host`, for listings.
+    /// This environment with a snapshot's root instead of its own.
+    pub fn with_snapshot(&self, snapshot: Snapshot) -> Environment {
+        Environment {
+            rootfs: snapshot.rootfs(),
+            image: None,
+            snapshot: Some(snapshot),
+            ..self.clone()
+        }
+    }
+
+    /// `image <version>`, `snapshot <version>` or `host`, for listings.
     pub fn source(&self) -> String {
-        match &self.image {
-            Some(image) => format!("image {}", image.version),
-            None => "host".into(),
+        match (&self.snapshot, &self.image) {
+            (Some(snapshot), _) => format!("snapshot {}", snapshot.version),
+            (None, Some(image)) => format!("image {}", image.version),
+            (None, None) => "host".into(),
         }
     }
 }
@@ -230,10 +249,17 @@ const BUILTINS: &[Builtin] = &[
 /// Where the built-ins' programs are looked up on the host.
 const PROGRAM_DIRS: &[&str] = &["/usr/bin", "/usr/local/bin", "/usr/sbin"];
 
-/// Every environment this node can offer.
-#[derive(Debug, Clone)]
+/// Every environment this node can offer. A built-in follows its image: when `burrow env build`
+/// makes a new version current, the next lookup serves it (sandboxes already running keep theirs).
+#[derive(Debug)]
 pub struct Catalog {
-    environments: Vec<Arc<Environment>>,
+    /// Each built-in, with the `current` version of its image it was loaded for.
+    environments: RwLock<Vec<(Option<String>, Arc<Environment>)>>,
+    /// The host-based default of each built-in, for one without a usable image.
+    host: Vec<Arc<Environment>>,
+    images: Images,
+    uid_base: u32,
+    data_dir: PathBuf,
 }
 
 impl Catalog {
@@ -250,12 +276,9 @@ impl Catalog {
         check_hidden(&data_dir, &layout.binds)?;
         let rootfs = host::ensure_rootfs(&data_dir.join("environments/host"), uid_base, &layout)?;
         let images = Images::new(&data_dir);
-        let environments = BUILTINS
+        let host: Vec<Arc<Environment>> = BUILTINS
             .iter()
             .map(|builtin| {
-                if let Some(image) = current_image(&images, builtin.name, uid_base) {
-                    return Arc::new(from_image(builtin.name, image));
-                }
                 Arc::new(Environment {
                     name: builtin.name.to_owned(),
                     rootfs: rootfs.clone(),
@@ -265,7 +288,19 @@ impl Catalog {
                     workdir: default_user().home,
                     availability: availability(builtin, PROGRAM_DIRS),
                     image: None,
+                    snapshot: None,
                 })
+            })
+            .collect();
+        let environments = host
+            .iter()
+            .map(|default| {
+                let current = images.current_version(&default.name).ok().flatten();
+                let env = match current_image(&images, &default.name, uid_base) {
+                    Some(image) => Arc::new(from_image(&default.name, image)),
+                    None => default.clone(),
+                };
+                (current, env)
             })
             .collect();
         // After the versions above are held: a collection never takes what is in use.
@@ -285,15 +320,59 @@ impl Catalog {
             }
             Err(e) => tracing::warn!("cannot collect unused image versions: {e}"),
         }
-        Ok(Catalog { environments })
+        if let Err(e) = snapshots::collect_all(&data_dir) {
+            tracing::warn!("cannot collect unused snapshots: {e}");
+        }
+        Ok(Catalog {
+            environments: RwLock::new(environments),
+            host,
+            images,
+            uid_base,
+            data_dir,
+        })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Environment>> {
-        self.environments.iter().find(|e| e.name == name)
+    /// The saved edits of one team's custom environments.
+    pub fn snapshots(&self, team_id: i64) -> Snapshots {
+        Snapshots::new(&self.data_dir, team_id)
     }
 
-    pub fn list(&self) -> &[Arc<Environment>] {
-        &self.environments
+    /// The environment called `name`, from the image version that is current right now.
+    pub fn get(&self, name: &str) -> Option<Arc<Environment>> {
+        let index = self.host.iter().position(|e| e.name == name)?;
+        Some(self.fresh(index))
+    }
+
+    /// Every environment, in the SDK's order.
+    pub fn list(&self) -> Vec<Arc<Environment>> {
+        (0..self.host.len()).map(|i| self.fresh(i)).collect()
+    }
+
+    /// The environment at `index`, switched over first if its image's `current` moved (one
+    /// `readlink`; the new version is taken into use before it is handed out).
+    fn fresh(&self, index: usize) -> Arc<Environment> {
+        let (seen, known) =
+            self.environments.read().unwrap_or_else(|e| e.into_inner())[index].clone();
+        let name = &known.name;
+        let current = match self.images.current_version(name) {
+            Ok(current) => current,
+            Err(e) => {
+                tracing::warn!(environment = %name, "cannot read the current image version: {e}");
+                return known;
+            }
+        };
+        if current == seen {
+            return known;
+        }
+        let next = match current_image(&self.images, name, self.uid_base) {
+            Some(image) => Arc::new(from_image(name, image)),
+            None => self.host[index].clone(),
+        };
+        tracing::info!(environment = %name, source = %next.source(), "environment switched to a new version");
+        let mut environments = self.environments.write().unwrap_or_else(|e| e.into_inner());
+        // Another lookup may have switched it meanwhile; either result is the current version.
+        environments[index] = (current, next.clone());
+        next
     }
 }
 
@@ -360,6 +439,7 @@ fn from_image(name: &str, image: Image) -> Environment {
         workdir: recipe.workdir.clone(),
         availability: Ok(()),
         image: Some(image),
+        snapshot: None,
     }
 }
 

@@ -231,6 +231,48 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Freezes every process of the sandbox (cgroup v2 `cgroup.freeze`) and waits until the
+    /// kernel reports it frozen.
+    pub async fn freeze(&self, id: &str, timeout: Duration) -> Result<(), Error> {
+        let dir = self.tracking_dir(id);
+        let freeze = dir.join("cgroup.freeze");
+        if !freeze.exists() {
+            return Err(Error::Freeze {
+                id: id.to_owned(),
+                reason: format!("this host has no cgroup v2 freezer ({})", freeze.display()),
+            });
+        }
+        fs::write(&freeze, "1").ctx("write", &freeze)?;
+        let events = dir.join("cgroup.events");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = fs::read_to_string(&events).ctx("read", &events)?;
+            if text.lines().any(|l| l.trim() == "frozen 1") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Freeze {
+                    id: id.to_owned(),
+                    reason: format!("it did not freeze within {timeout:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The host pid of the sandbox's PID 1, if it is alive.
+    pub fn init_pid(&self, id: &str) -> Result<Option<i32>, Error> {
+        Ok(self.pids(id)?.into_iter().find(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|ids| ids.split_whitespace().last())
+                    == Some("1")
+            })
+        }))
+    }
+
     fn pids(&self, id: &str) -> Result<Vec<i32>, Error> {
         let path = self.tracking_dir(id).join("cgroup.procs");
         match fs::read_to_string(&path) {

@@ -75,6 +75,9 @@ pub enum Error {
         timeout: Duration,
     },
 
+    #[error("cannot save what sandbox {id} wrote: {reason}")]
+    Freeze { id: String, reason: String },
+
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,

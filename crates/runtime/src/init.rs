@@ -42,6 +42,12 @@ use crate::error::{Error, SetupContext};
 /// The sandbox closes it once built, which tells the server that envd's socket is listening.
 pub const CONTROL_FD: RawFd = 3;
 
+/// PID 1 keeps the sandbox's writable tmpfs open on this descriptor (close-on-exec, so no
+/// process it starts inherits it) for its whole life. The tmpfs is mounted nowhere a path leads
+/// to, so this is how the host reaches what the sandbox wrote, as
+/// `/proc/<pid 1>/fd/100/upper` (see `Namespaces::freeze`): an edit session's changes.
+pub const LAYER_FD: RawFd = 100;
+
 /// envd's socket, in the run directory.
 pub const SOCKET_NAME: &str = "envd.sock";
 
@@ -258,7 +264,8 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
 
     let layer = writable_layer(config.disk_bytes, &stage)?;
     mount_overlay(&rootfs, &layer)?;
-    drop((rootfs, layer, stage));
+    keep_layer(layer)?;
+    drop((rootfs, stage));
     mount_binds(&config.binds)?;
     mount_proc()?;
     mount_dev()?;
@@ -291,6 +298,18 @@ fn quiet_stdio() -> Result<(), Error> {
         .step(step)?;
     nix::unistd::dup2_stdout(&null).step(step)?;
     nix::unistd::dup2_stderr(&null).step(step)
+}
+
+/// Moves the writable layer's descriptor to [`LAYER_FD`] and keeps it open for good.
+fn keep_layer(layer: OwnedFd) -> Result<(), Error> {
+    // SAFETY: dup3 onto a descriptor number this process does not otherwise use (its received
+    // descriptors are the lowest free ones); the new descriptor is owned by nothing and stays
+    // open until the process exits.
+    let kept = unsafe { libc::dup3(layer.as_raw_fd(), LAYER_FD, libc::O_CLOEXEC) };
+    if kept != LAYER_FD {
+        return Err(std::io::Error::last_os_error()).step(|| "keep the writable layer open".into());
+    }
+    Ok(())
 }
 
 fn fd_path(fd: &impl AsRawFd) -> PathBuf {

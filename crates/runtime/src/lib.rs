@@ -104,6 +104,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// envd's unix socket of the sandbox on the host.
     fn socket_path(&self, id: &str) -> PathBuf;
+
+    /// Stops every process of the sandbox where it is and returns the directory of everything
+    /// it wrote (the upper layer of its overlay root), readable until it is destroyed: how an
+    /// edit session's changes are saved. Works for sandboxes a previous run of the server
+    /// started.
+    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<PathBuf, Error>>;
 }
 
 /// How [`Namespaces`] runs sandboxes on this node.

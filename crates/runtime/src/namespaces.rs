@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::{self, Cgroups};
 use crate::error::{Error, IoContext};
-use crate::init::{Dirs, Exec, InitConfig, SOCKET_NAME};
+use crate::init::{Dirs, Exec, InitConfig, LAYER_FD, SOCKET_NAME};
 use crate::spawn::{self, Child};
 use crate::{
     Backend, BoxFuture, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric, ping,
@@ -174,6 +174,10 @@ impl Backend for Namespaces {
 
     fn socket_path(&self, id: &str) -> PathBuf {
         self.inner.socket_path(id)
+    }
+
+    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<PathBuf, Error>> {
+        Box::pin(self.inner.freeze(id))
     }
 }
 
@@ -522,6 +526,23 @@ impl Inner {
                 tracing::info!(%id, "sandbox destroyed");
                 Ok(())
             }
+        }
+    }
+
+    async fn freeze(&self, id: &str) -> Result<PathBuf, Error> {
+        if !valid_sandbox_id(id) {
+            return Err(Error::SandboxId(id.to_owned()));
+        }
+        self.cgroups.freeze(id, KILL_TIMEOUT).await?;
+        let gone = || Error::Freeze {
+            id: id.to_owned(),
+            reason: "its PID 1 is gone".into(),
+        };
+        let pid = self.cgroups.init_pid(id)?.ok_or_else(gone)?;
+        let upper = PathBuf::from(format!("/proc/{pid}/fd/{LAYER_FD}/upper"));
+        match fs::symlink_metadata(&upper) {
+            Ok(meta) if meta.is_dir() => Ok(upper),
+            _ => Err(gone()),
         }
     }
 

@@ -45,7 +45,7 @@ impl Fixture {
 
     fn spec(&self) -> SandboxSpec {
         SandboxSpec {
-            environment: Arc::clone(self.catalog.get("Bash").unwrap()),
+            environment: self.catalog.get("Bash").unwrap(),
             limits: Limits::default(),
         }
     }

@@ -1,5 +1,6 @@
 //! A team's custom environments (the `/envs` API): its own IDs for a built-in template, usable as
-//! `codeSnippetID` by that team only.
+//! `codeSnippetID` by that team only. What their edit sessions save (see `Sessions::save_edits`)
+//! belongs to the environment: replacing it, changing its template or deleting it forgets it.
 
 use burrow_store::{CustomEnvironment, EnvironmentState, Principal};
 
@@ -31,8 +32,8 @@ impl Sessions {
     }
 
     /// Creates a custom environment from a built-in `template`, with the given ID or a new one;
-    /// an existing one of the team's with that ID is replaced.
-    pub fn put_custom_environment(
+    /// an existing one of the team's with that ID is replaced, saved edits included.
+    pub async fn put_custom_environment(
         &self,
         principal: &Principal,
         id: Option<&str>,
@@ -40,6 +41,7 @@ impl Sessions {
         title: Option<&str>,
     ) -> Result<CustomEnvironment, Error> {
         self.builtin(template)?;
+        let given = id.is_some();
         let id = match id {
             Some(id) if !valid_id(id) => {
                 return Err(Error::InvalidEnvironmentId(id.to_string()));
@@ -60,10 +62,13 @@ impl Sessions {
         if !self.inner.store.put_environment(&env)? {
             return Err(Error::EnvironmentIdTaken(env.id));
         }
+        if given {
+            self.forget_edits(principal.team_id, &env.id).await?;
+        }
         Ok(env)
     }
 
-    pub fn update_custom_environment(
+    pub async fn update_custom_environment(
         &self,
         principal: &Principal,
         id: &str,
@@ -74,8 +79,10 @@ impl Sessions {
             .store
             .environment(principal.team_id, id)?
             .ok_or_else(|| Error::EnvironmentNotFound(id.to_string()))?;
+        let mut forget = false;
         if let Some(template) = update.template {
             self.builtin(&template)?;
+            forget = template != env.template;
             env.template = template;
         }
         if let Some(title) = update.title {
@@ -85,15 +92,34 @@ impl Sessions {
             env.state = state;
         }
         self.inner.store.put_environment(&env)?;
+        if forget {
+            // Saved edits were made on the old template's root.
+            self.forget_edits(principal.team_id, id).await?;
+        }
         Ok(())
     }
 
-    /// Deletes a custom environment; sessions already running from it keep running.
-    pub fn delete_custom_environment(&self, principal: &Principal, id: &str) -> Result<(), Error> {
-        if self.inner.store.delete_environment(principal.team_id, id)? {
-            Ok(())
-        } else {
-            Err(Error::EnvironmentNotFound(id.to_string()))
+    /// Deletes a custom environment and what its edit sessions saved; sessions already running
+    /// from it keep running.
+    pub async fn delete_custom_environment(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<(), Error> {
+        if !self.inner.store.delete_environment(principal.team_id, id)? {
+            return Err(Error::EnvironmentNotFound(id.to_string()));
         }
+        self.forget_edits(principal.team_id, id).await
+    }
+
+    /// Drops the saved edits of a team's environment, after any save in progress.
+    async fn forget_edits(&self, team_id: i64, id: &str) -> Result<(), Error> {
+        let _saving = self.saving(team_id, id).lock_owned().await;
+        let snapshots = self.inner.catalog.snapshots(team_id);
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || snapshots.reset(&id))
+            .await
+            .expect("dropping snapshots does not panic")?;
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use burrow_environments::{Catalog, Environment};
 use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
-use burrow_store::{EnvironmentState, Principal, SessionRow, Store};
+use burrow_store::{CustomEnvironment, EnvironmentState, Principal, SessionRow, Store};
 
 pub use custom::EnvironmentUpdate;
 pub use metrics::Metrics;
@@ -73,6 +73,10 @@ pub enum Error {
     },
     #[error("{0}")]
     Store(#[from] burrow_store::Error),
+    #[error("{0}")]
+    Environment(#[from] burrow_environments::Error),
+    #[error("session '{session}' ended, but what it changed could not be saved: {reason}")]
+    EditsLost { session: String, reason: String },
 }
 
 /// A session as clients see it.
@@ -92,6 +96,9 @@ struct Live {
     deadline: Instant,
 }
 
+/// See [`Inner::saving`].
+type SaveLock = Arc<tokio::sync::Mutex<()>>;
+
 struct Inner {
     config: Config,
     store: Arc<Store>,
@@ -102,6 +109,10 @@ struct Inner {
     pending: Mutex<HashMap<i64, usize>>,
     /// Serialises edit-session creation so one (team, environment) never gets two.
     edit_create: tokio::sync::Mutex<()>,
+    /// Per (team, environment): held while an edit session of it ends and its changes are
+    /// saved, and waited for by every create of it, so a session created after an edit session
+    /// ended starts from what it saved and two edit sessions never overlap.
+    saving: Mutex<HashMap<(i64, String), SaveLock>>,
     timers: Timers,
     pool: Pool,
     metrics: Metrics,
@@ -188,6 +199,7 @@ impl Sessions {
                 live: Mutex::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
                 edit_create: tokio::sync::Mutex::new(()),
+                saving: Mutex::new(HashMap::new()),
                 timers: Timers::default(),
                 metrics: Metrics::default(),
             }),
@@ -307,21 +319,104 @@ impl Sessions {
     }
 
     /// A built-in environment by name, or a custom environment of the principal's team by ID
-    /// (which runs its template's image); other teams' custom IDs are simply unknown.
-    fn environment(&self, principal: &Principal, name: &str) -> Result<Arc<Environment>, Error> {
-        if let Some(custom) = self.inner.store.environment(principal.team_id, name)? {
-            if custom.state != EnvironmentState::Done {
-                return Err(Error::Unavailable {
-                    name: name.to_string(),
-                    reason: format!(
-                        "its state is {}; set it to Done with PUT /envs/{name}/state",
-                        custom.state.as_str()
-                    ),
-                });
-            }
-            return self.builtin(&custom.template);
+    /// (its saved edits if it has any, else its template's root); other teams' custom IDs are
+    /// simply unknown.
+    async fn environment(
+        &self,
+        principal: &Principal,
+        name: &str,
+    ) -> Result<Arc<Environment>, Error> {
+        let Some(custom) = self.inner.store.environment(principal.team_id, name)? else {
+            return self.builtin(name);
+        };
+        if custom.state != EnvironmentState::Done {
+            return Err(Error::Unavailable {
+                name: name.to_string(),
+                reason: format!(
+                    "its state is {}; set it to Done with PUT /envs/{name}/state",
+                    custom.state.as_str()
+                ),
+            });
         }
-        self.builtin(name)
+        self.custom_root(&custom).await
+    }
+
+    /// What a custom environment runs: its template, with its saved edits if it has any.
+    async fn custom_root(&self, custom: &CustomEnvironment) -> Result<Arc<Environment>, Error> {
+        let template = self.builtin(&custom.template)?;
+        let snapshots = self.inner.catalog.snapshots(custom.team_id);
+        let id = custom.id.clone();
+        let saved = tokio::task::spawn_blocking(move || snapshots.current(&id))
+            .await
+            .expect("reading a snapshot does not panic")?;
+        Ok(match saved {
+            Some(snapshot) => Arc::new(template.with_snapshot(snapshot)),
+            None => template,
+        })
+    }
+
+    /// The lock of a (team, environment) that an ending edit session holds while it saves.
+    fn saving(&self, team_id: i64, environment: &str) -> SaveLock {
+        self.inner
+            .saving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((team_id, environment.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Saves what an ending edit session changed as its custom environment's new version (an
+    /// edit session of a built-in environment saves nothing: built-ins are shared by every
+    /// team). The session has left `live`; its sandbox is frozen here and destroyed after.
+    async fn save_edits(&self, session_id: &str, session: &Live) -> Result<(), Error> {
+        let lost = |reason: String| Error::EditsLost {
+            session: session_id.to_string(),
+            reason,
+        };
+        let Some(custom) = self
+            .inner
+            .store
+            .environment(session.team_id, &session.environment)?
+        else {
+            return Ok(());
+        };
+        let upper = self
+            .inner
+            .backend
+            .freeze(&session.sandbox.id)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let base = self.custom_root(&custom).await?;
+        let snapshots = self.inner.catalog.snapshots(custom.team_id);
+        let started = Instant::now();
+        let saved =
+            tokio::task::spawn_blocking(move || snapshots.commit(&custom.id, &base.rootfs, &upper))
+                .await
+                .expect("saving a snapshot does not panic")
+                .map_err(|e| lost(e.to_string()))?;
+        tracing::info!(session = %session_id, environment = %session.environment, version = %saved.version, took = ?started.elapsed(), "edit session saved");
+        Ok(())
+    }
+
+    /// Ends a session that has left `live`: an edit session saves its changes first, then the
+    /// sandbox goes. The caller holds the environment's `saving` lock for an edit session.
+    async fn end(&self, session_id: &str, session: Live) -> Result<(), Error> {
+        let saved = if session.edit_enabled {
+            let saved = self.save_edits(session_id, &session).await;
+            match &saved {
+                Ok(()) => self.inner.metrics.edit_saves.inc(),
+                Err(e) => {
+                    self.inner.metrics.edit_save_failures.inc();
+                    tracing::error!(session = %session_id, "{e}");
+                }
+            }
+            saved
+        } else {
+            Ok(())
+        };
+        self.forget(session_id, &session.sandbox.id).await;
+        saved
     }
 
     fn builtin(&self, name: &str) -> Result<Arc<Environment>, Error> {
@@ -337,7 +432,7 @@ impl Sessions {
                 reason: reason.clone(),
             });
         }
-        Ok(env.clone())
+        Ok(env)
     }
 
     /// Names of the built-in environments this node can run.
@@ -376,7 +471,14 @@ impl Sessions {
         environment: &str,
         edit_enabled: bool,
     ) -> Result<SessionInfo, Error> {
-        let env = self.environment(principal, environment)?;
+        // Waits for an edit session of this environment that is being saved; an edit session
+        // keeps the lock until it is live, so that no other one can start from an older root.
+        let saving = self
+            .saving(principal.team_id, environment)
+            .lock_owned()
+            .await;
+        let _saving = edit_enabled.then_some(saving);
+        let env = self.environment(principal, environment).await?;
         let _edit_guard = if edit_enabled {
             let guard = self.inner.edit_create.lock().await;
             let existing = {
@@ -399,7 +501,12 @@ impl Sessions {
             None
         };
         let _slot = self.reserve(principal)?;
-        let sandbox = match self.inner.pool.take(&env.name, &*self.inner.backend).await {
+        // The pool holds sandboxes of the catalog's environments, not of saved edits.
+        let pooled = match env.snapshot {
+            None => self.inner.pool.take(&env, &*self.inner.backend).await,
+            Some(_) => None,
+        };
+        let sandbox = match pooled {
             Some(sandbox) => sandbox,
             None => {
                 let spec = SandboxSpec {
@@ -519,20 +626,31 @@ impl Sessions {
     /// Deletes a session and returns once its sandbox is gone. Another team's session is
     /// reported as not found, so IDs of other teams cannot be probed.
     pub async fn delete(&self, id: &str, principal: &Principal) -> Result<(), Error> {
+        let owned = |l: &Live| principal.admin || l.team_id == principal.team_id;
+        let edit = match self.live().get(id) {
+            Some(l) if owned(l) => l.edit_enabled.then(|| (l.team_id, l.environment.clone())),
+            _ => return Err(Error::NotFound(id.to_string())),
+        };
+        let _saving = match &edit {
+            Some((team_id, environment)) => {
+                Some(self.saving(*team_id, environment).lock_owned().await)
+            }
+            None => None,
+        };
         let removed = {
             let mut live = self.live();
             match live.get(id) {
-                Some(l) if principal.admin || l.team_id == principal.team_id => live.remove(id),
+                Some(l) if owned(l) => live.remove(id),
                 _ => None,
             }
         };
         let Some(session) = removed else {
             return Err(Error::NotFound(id.to_string()));
         };
-        self.forget(id, &session.sandbox.id).await;
+        let ended = self.end(id, session).await;
         self.inner.metrics.deletes.inc();
         tracing::info!(session = %id, "session deleted");
-        Ok(())
+        ended
     }
 
     /// envd's socket of a live session, for the gateway.
@@ -554,19 +672,34 @@ impl Sessions {
     async fn expire_loop(self) {
         loop {
             let due = self.inner.timers.next_due().await;
-            let expired = {
-                let mut live = self.live();
-                match live.get(&due) {
-                    Some(l) if l.deadline <= Instant::now() => live.remove(&due),
-                    _ => None,
+            let edit = match self.live().get(&due) {
+                Some(l) if l.deadline <= Instant::now() => {
+                    l.edit_enabled.then(|| (l.team_id, l.environment.clone()))
                 }
+                _ => continue,
             };
-            if let Some(session) = expired {
-                tracing::info!(session = %due, "session expired");
-                self.inner.metrics.expiries.inc();
-                let this = self.clone();
-                tokio::spawn(async move { this.forget(&due, &session.sandbox.id).await });
-            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _saving = match &edit {
+                    Some((team_id, environment)) => {
+                        Some(this.saving(*team_id, environment).lock_owned().await)
+                    }
+                    None => None,
+                };
+                let expired = {
+                    let mut live = this.live();
+                    match live.get(&due) {
+                        Some(l) if l.deadline <= Instant::now() => live.remove(&due),
+                        _ => None,
+                    }
+                };
+                if let Some(session) = expired {
+                    tracing::info!(session = %due, "session expired");
+                    this.inner.metrics.expiries.inc();
+                    // A failed save is logged and counted by `end`; nobody waits for it here.
+                    let _ = this.end(&due, session).await;
+                }
+            });
         }
     }
 

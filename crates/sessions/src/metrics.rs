@@ -31,6 +31,8 @@ pub struct Metrics {
     pub expiries: Counter,
     pub deletes: Counter,
     pub sandbox_deaths: Counter,
+    pub edit_saves: Counter,
+    pub edit_save_failures: Counter,
     create_buckets: [Counter; BUCKETS.len()],
     create_count: Counter,
     create_micros: Counter,
@@ -100,6 +102,16 @@ impl Metrics {
                 "burrow_sandbox_deaths_total",
                 "Sandboxes that died on their own.",
                 &self.sandbox_deaths,
+            ),
+            (
+                "burrow_edit_saves_total",
+                "Edit sessions whose changes became their environment's new version.",
+                &self.edit_saves,
+            ),
+            (
+                "burrow_edit_save_failures_total",
+                "Edit sessions whose changes could not be saved.",
+                &self.edit_save_failures,
             ),
         ] {
             let _ = writeln!(

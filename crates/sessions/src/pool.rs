@@ -1,20 +1,28 @@
 //! The warm pool: sandboxes started ahead of demand, per available environment, so that
 //! `POST /sessions` only has to hand one out. One background task refills it, one sandbox at a
-//! time, so the pool never competes with requests for more than one start at once.
+//! time, so the pool never competes with requests for more than one start at once. A sandbox
+//! is only handed out for the environment version it was started from: after a new image
+//! version becomes current, the filler replaces the pooled sandboxes of the old one.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use burrow_runtime::{Backend, Sandbox, SandboxSpec};
+use burrow_runtime::{Backend, Environment, Sandbox, SandboxSpec};
 use tokio::sync::Notify;
 
 use crate::Sessions;
 
+/// How often the filler looks for new environment versions without being woken.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// A ready sandbox and the environment (version) it was started from.
+type Ready = (Sandbox, Arc<Environment>);
+
 pub(crate) struct Pool {
     size: usize,
-    ready: Mutex<HashMap<String, Vec<Sandbox>>>,
+    ready: Mutex<HashMap<String, Vec<Ready>>>,
     wake: Notify,
     draining: AtomicBool,
     /// The refill task, awaited by [`Pool::drain`] so no start in flight outlives the server.
@@ -32,20 +40,41 @@ impl Pool {
         }
     }
 
-    fn ready(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Sandbox>>> {
+    fn ready(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Ready>>> {
         self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A ready sandbox of `environment` whose envd still answers, if the pool has one.
-    pub(crate) async fn take(&self, environment: &str, backend: &dyn Backend) -> Option<Sandbox> {
+    /// A ready sandbox of exactly this `environment` (version) whose envd still answers, if the
+    /// pool has one.
+    pub(crate) async fn take(
+        &self,
+        environment: &Arc<Environment>,
+        backend: &dyn Backend,
+    ) -> Option<Sandbox> {
         loop {
-            let sandbox = self.ready().get_mut(environment)?.pop()?;
-            if backend.probe(&sandbox.id).await {
+            let (sandbox, made_from) = self.ready().get_mut(&environment.name)?.pop()?;
+            if !Arc::ptr_eq(&made_from, environment) {
+                tracing::info!(sandbox = %sandbox.id, "pooled sandbox is of an older environment version; discarding it");
+            } else if backend.probe(&sandbox.id).await {
                 return Some(sandbox);
+            } else {
+                tracing::warn!(sandbox = %sandbox.id, "pooled sandbox died; discarding it");
             }
-            tracing::warn!(sandbox = %sandbox.id, "pooled sandbox died; discarding it");
             let _ = backend.destroy(&sandbox.id).await;
         }
+    }
+
+    /// Removes the pooled sandboxes of `environment` that were started from another version.
+    fn stale(&self, environment: &Arc<Environment>) -> Vec<Sandbox> {
+        let mut ready = self.ready();
+        let Some(list) = ready.get_mut(&environment.name) else {
+            return Vec::new();
+        };
+        let (keep, stale) = std::mem::take(list)
+            .into_iter()
+            .partition(|(_, made_from)| Arc::ptr_eq(made_from, environment));
+        *list = keep;
+        stale.into_iter().map(|(sandbox, _)| sandbox).collect()
     }
 
     /// Asks the filler to top the pool up.
@@ -76,8 +105,8 @@ impl Pool {
         if let Some(filler) = filler {
             let _ = filler.await;
         }
-        let all: Vec<Sandbox> = self.ready().drain().flat_map(|(_, v)| v).collect();
-        for sandbox in all {
+        let all: Vec<Ready> = self.ready().drain().flat_map(|(_, v)| v).collect();
+        for (sandbox, _) in all {
             let _ = backend.destroy(&sandbox.id).await;
         }
     }
@@ -90,22 +119,20 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
     let filler = sessions.clone();
     let handle = tokio::spawn(async move {
         let inner = &filler.inner;
-        let environments: Vec<_> = inner
-            .catalog
-            .list()
-            .iter()
-            .filter(|e| e.availability.is_ok())
-            .filter(|e| {
-                inner
-                    .config
-                    .pool_environments
-                    .as_ref()
-                    .is_none_or(|names| names.contains(&e.name))
-            })
-            .cloned()
-            .collect();
         loop {
-            for env in &environments {
+            let environments = inner.catalog.list().into_iter().filter(|e| {
+                e.availability.is_ok()
+                    && inner
+                        .config
+                        .pool_environments
+                        .as_ref()
+                        .is_none_or(|names| names.contains(&e.name))
+            });
+            for env in environments {
+                for sandbox in inner.pool.stale(&env) {
+                    tracing::info!(sandbox = %sandbox.id, environment = %env.name, "replacing a pooled sandbox of an older environment version");
+                    let _ = inner.backend.destroy(&sandbox.id).await;
+                }
                 while inner.pool.count(&env.name) < inner.pool.size {
                     if inner.pool.draining.load(Ordering::SeqCst) {
                         return;
@@ -120,7 +147,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                             .ready()
                             .entry(env.name.clone())
                             .or_default()
-                            .push(sandbox),
+                            .push((sandbox, env.clone())),
                         Ok(sandbox) => {
                             let _ = inner.backend.destroy(&sandbox.id).await;
                             return;
@@ -138,7 +165,10 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
             if inner.pool.draining.load(Ordering::SeqCst) {
                 return;
             }
-            inner.pool.wake.notified().await;
+            tokio::select! {
+                _ = inner.pool.wake.notified() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
         }
     });
     *sessions
