@@ -1,6 +1,7 @@
 //! `burrow serve`: wires store, environments, runtime, sessions and the HTTP surface together.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use burrow_api::AppState;
 use burrow_environments::Catalog;
+use burrow_gateway::{Gateway, Limits as GatewayLimits};
 use burrow_runtime::{Limits, Namespaces, RuntimeConfig};
 use burrow_sessions::{Config as SessionsConfig, Sessions};
 use burrow_store::Store;
@@ -63,10 +65,56 @@ pub struct ServeArgs {
     /// Live sessions one team runs at most; creates beyond it get 429.
     #[arg(long, default_value_t = 500)]
     max_sessions_per_team: usize,
+    /// Memory the host keeps available: while MemAvailable is below it, creates get 503 and the
+    /// warm pool is not refilled (0 turns the check off).
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes_or_zero)]
+    min_available_memory: u64,
     /// Limits of one environment, overriding the ones above for its sandboxes; repeatable.
     /// E.g. `--environment-limits Java:memory=2GiB,pids=1024`.
     #[arg(long, value_name = "ENV:KEY=VALUE,...")]
     environment_limits: Vec<String>,
+    /// Client connections open at once (API, websockets and tunnels to sandboxes); more get 503.
+    /// Default: 16384, or fewer if the open-file limit cannot give each two descriptors.
+    #[arg(long)]
+    max_connections: Option<NonZeroUsize>,
+    /// Connections through the gateway to one session's sandbox at once; more get 429.
+    #[arg(long, default_value = "1024")]
+    max_connections_per_session: NonZeroUsize,
+    /// How long a sandbox's envd may take to accept a gateway connection, and to answer a
+    /// request's head once it has the request; longer gets 504. Upgraded connections (websockets,
+    /// tunnels) never time out.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    envd_timeout: Duration,
+}
+
+/// `--max-connections` when not given.
+const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Descriptors kept out of the connection budget: the database, logs, the warm pool, connections
+/// being refused and spare; one per sandbox is added on top.
+const RESERVED_FDS: u64 = 1024;
+
+/// A size, or `0` for none.
+fn parse_bytes_or_zero(s: &str) -> Result<u64, String> {
+    if s == "0" { Ok(0) } else { parse_bytes(s) }
+}
+
+/// The connection cap: `wanted`, or a default that leaves descriptors for every sandbox the
+/// server may run, since each proxied connection takes two (the client's and envd's socket).
+fn max_connections(wanted: Option<NonZeroUsize>, fd_limit: u64, max_sessions: usize) -> usize {
+    let reserved = RESERVED_FDS + max_sessions as u64;
+    let fits = usize::try_from(fd_limit.saturating_sub(reserved) / 2).unwrap_or(usize::MAX);
+    match wanted {
+        Some(wanted) => {
+            if wanted.get() > fits {
+                tracing::warn!(
+                    "--max-connections {wanted} may run out of descriptors: the open-file limit \
+                     ({fd_limit}) holds about {fits} proxied connections next to {max_sessions} sessions"
+                );
+            }
+            wanted.get()
+        }
+        None => DEFAULT_MAX_CONNECTIONS.min(fits).max(1),
+    }
 }
 
 /// Parses `ENV:memory=…,pids=…,disk=…,cpu-weight=…` on top of the server-wide `base`.
@@ -123,25 +171,32 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Every websocket and tunnel holds two descriptors; the default soft limit (often 1024) would
-/// cap the server at a few hundred clients, so take what the hard limit allows.
-fn raise_fd_limit() {
+/// cap the server at a few hundred clients, so take what the hard limit allows. Returns the
+/// limit in force afterwards.
+fn raise_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            // Cannot happen for RLIMIT_NOFILE; assume the usual soft default.
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let soft = limit.rlim_cur;
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 tracing::warn!(
                     "cannot raise the open-file limit: {}",
                     std::io::Error::last_os_error()
                 );
+                return soft;
             }
         }
     }
+    limit.rlim_cur
 }
 
 /// Sandboxes' user namespaces belong to the server's uid, so every inotify instance a sandbox
@@ -167,7 +222,8 @@ fn raise_inotify_budget() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
+    let max_connections = max_connections(args.max_connections, fd_limit, args.max_sessions);
     raise_inotify_budget();
     // Bind first: a start that cannot listen must not print (and so waste) the admin key.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -230,6 +286,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             environment_limits,
             max_sessions: args.max_sessions,
             max_sessions_per_team: args.max_sessions_per_team,
+            min_available_memory: args.min_available_memory,
             client_id: node_id.clone(),
         },
         store.clone(),
@@ -242,10 +299,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         domain: args.domain.clone(),
         auth_off,
+        gateway: Gateway::new(GatewayLimits {
+            connections_per_session: args.max_connections_per_session.get(),
+            envd_timeout: args.envd_timeout,
+        }),
     });
     tracing::info!(
         node = %node_id,
         data_dir = %data_dir.display(),
+        max_connections,
         "listening on http://{}; sandboxes at {{port}}-{{sessionID}}-{node_id}.{}",
         listener.local_addr()?,
         args.domain
@@ -258,7 +320,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     // Not `axum::serve`: burrow_api::serve also drops connections that do not send a request.
-    let server = burrow_api::serve(listener, burrow_api::app(state), {
+    let server = burrow_api::serve(listener, burrow_api::app(state), max_connections, {
         let stopping = stopping.clone();
         async move {
             stop_signal().await;
@@ -292,6 +354,22 @@ async fn stop_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_connection_cap_fits_the_descriptors() {
+        // Plenty of descriptors: the default.
+        assert_eq!(
+            max_connections(None, 1 << 20, 2000),
+            DEFAULT_MAX_CONNECTIONS
+        );
+        // 20,000: two per connection after 2,000 sessions and the reserve.
+        assert_eq!(max_connections(None, 20_000, 2000), (20_000 - 3024) / 2);
+        // Too few for anything: still one connection, so the API answers.
+        assert_eq!(max_connections(None, 256, 2000), 1);
+        // Asked for explicitly: taken as is.
+        let ten = NonZeroUsize::new(10).unwrap();
+        assert_eq!(max_connections(Some(ten), 256, 2000), 10);
+    }
 
     #[test]
     fn environment_limits_override_the_base() {

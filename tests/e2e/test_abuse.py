@@ -1,7 +1,8 @@
 """Abuse of the service from outside: huge request bodies and headers, invalid UTF-8 everywhere
 a client can put bytes, slow clients holding connections open, a thousand websockets to one
-sandbox, refresh storms, and hundreds of live sessions, while the server keeps answering and its
-memory and descriptors stay bounded.
+sandbox, the connection caps (server-wide and per session) and a stopped envd, refresh storms,
+and hundreds of live sessions, while the server keeps answering and its memory and descriptors
+stay bounded.
 
 The figures these tests print (run with -s) are the ones in docs/reliability.md.
 """
@@ -9,9 +10,11 @@ The figures these tests print (run with -s) are the ones in docs/reliability.md.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -25,6 +28,7 @@ import pytest
 from burrow_harness import (
     ENVD_PORT,
     HEADER_TIMEOUT_S,
+    EnvdClient,
     assert_error,
     http_request,
     sandbox_host,
@@ -33,9 +37,13 @@ from burrow_harness import (
     ws_upgrade,
 )
 
-BURROW_SERVER = {"ttl": "120s", "pool_size": 1}
 LIVE_SESSIONS = int(os.environ.get("BURROW_ABUSE_SESSIONS", "300"))
 WEBSOCKETS = int(os.environ.get("BURROW_ABUSE_WEBSOCKETS", "1000"))
+# The websocket test holds WEBSOCKETS (plus a few) to one sandbox: more than the per-session
+# default (1024) in the manual runs.
+BURROW_SERVER = {"ttl": "120s", "pool_size": 1,
+                 "extra_args": ["--max-connections-per-session", str(max(1024, WEBSOCKETS + 16))]}
+HOME_LISTING = [{"isDir": True, "name": "user"}]
 
 
 def fds(pid: int) -> int:
@@ -423,6 +431,137 @@ def test_a_thousand_websockets_to_one_sandbox(server, team_key):
     # Every descriptor comes back once the clients are gone.
     wait_until(lambda: fds(pid) <= base["server_fds"] + 10, 15,
                what=f"the server's descriptors to return to {base['server_fds']} (now {fds(pid)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection caps and a stopped envd
+# ---------------------------------------------------------------------------------------------
+
+
+def open_envd(srv, doc) -> EnvdClient:
+    """A websocket to the session's envd, retried while refused: the connections of earlier
+    requests are given back a moment after the client closes them."""
+    return wait_until(lambda: srv.envd(doc, timeout=5), 10, 0.05, what="a websocket under the cap")
+
+
+def test_server_wide_cap_answers_503_and_recovers(new_server):
+    cap = 8
+    srv = new_server(ttl="120s", pool_size=0, extra_args=["--max-connections", str(cap)])
+    key = srv.create_key("capped")
+    doc = srv.create_session(key)
+    host = sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"])
+    held = []
+    try:
+        # Websockets count for their whole life, idle or not.
+        for _ in range(cap):
+            held.append(open_envd(srv, doc))
+        t0 = time.monotonic()
+        r = http_request(srv.port, "GET", "/health", timeout=5)
+        refused_in = time.monotonic() - t0
+        assert_error(r, 503, f"maximum of {cap} connections")
+        assert r.headers.get("retry-after") == "1", r.headers
+        assert refused_in < 1, refused_in
+        assert_error(srv.request("POST", "/sessions", body={"codeSnippetID": "Bash"}, api_key=key), 503)
+        assert ws_upgrade(srv.port, host).status == 503
+        # The connections already open are untouched.
+        for envd in held:
+            assert envd.call("filesystem_list", ["/home"]) == HOME_LISTING
+        # One closes: new connections are served again, and the others still work.
+        held.pop().close()
+        wait_until(lambda: srv.request("GET", "/health", timeout=5).status == 200, 5, 0.05,
+                   what="/health once a connection is given back")
+        for envd in held:
+            assert envd.call("filesystem_list", ["/home"]) == HOME_LISTING
+        print(f"--max-connections {cap}: 503 JSON in {refused_in * 1000:.1f} ms, served again "
+              "once one connection closed")
+    finally:
+        for envd in held:
+            envd.close()
+    held.clear()
+    assert srv.delete(doc["sessionID"], key).status == 204
+
+
+def test_per_session_cap_answers_429_and_spares_other_sessions(new_server):
+    cap = 4
+    srv = new_server(ttl="120s", pool_size=0, extra_args=["--max-connections-per-session", str(cap)])
+    key = srv.create_key("greedy")
+    greedy, other = srv.create_session(key), srv.create_session(key)
+    host = sandbox_host(ENVD_PORT, greedy["sessionID"], greedy["clientID"])
+    other_host = sandbox_host(ENVD_PORT, other["sessionID"], other["clientID"])
+    held = []
+    try:
+        for _ in range(cap):
+            held.append(open_envd(srv, greedy))
+        up = ws_upgrade(srv.port, host)
+        assert up.status == 429, up
+        assert json.loads(up.body)["code"] == 429, up.body
+        r = http_request(srv.port, "GET", "/file?path=/etc/hostname", host=host)
+        doc = assert_error(r, 429, f"{cap} connections")
+        # Other sessions and the API are not affected.
+        with srv.envd(other) as envd:
+            assert envd.run("echo fine")[0] == ["fine"]
+        assert http_request(srv.port, "GET", "/file?path=/etc/hostname", host=other_host).status == 200
+        assert timed_health(srv) < 1
+        # The session's own connections still work; closing one frees its slot.
+        for envd in held:
+            assert envd.call("filesystem_list", ["/home"]) == HOME_LISTING
+        held.pop().close()
+        held.append(open_envd(srv, greedy))
+        print(f"--max-connections-per-session {cap}: {doc['message']!r}")
+    finally:
+        for envd in held:
+            envd.close()
+    for d in (greedy, other):
+        assert srv.delete(d["sessionID"], key).status == 204
+
+
+def test_stopped_envd_gets_a_timely_504(new_server):
+    limit = 1.0
+    srv = new_server(ttl="120s", pool_size=0, extra_args=["--envd-timeout", "1s"])
+    key = srv.create_key("frozen")
+    doc, other = srv.create_session(key), srv.create_session(key)
+    envd_pid = srv.envd_pid(doc)
+    established = srv.envd(doc)
+    try:
+        # An established websocket has no deadline, however long it stays idle.
+        time.sleep(2.5 * limit)
+        assert established.call("filesystem_list", ["/home"]) == HOME_LISTING
+        os.kill(envd_pid, signal.SIGSTOP)
+        try:
+            took = {}
+            for port, what, path in ((ENVD_PORT, "file", "/file?path=/etc/hostname"),
+                                     (ENVD_PORT, "ping", "/ping"), (8080, "tunnel", "/")):
+                host = sandbox_host(port, doc["sessionID"], doc["clientID"])
+                t0 = time.monotonic()
+                r = http_request(srv.port, "GET", path, host=host, timeout=30)
+                took[what] = time.monotonic() - t0
+                assert_error(r, 504, "did not answer within 1s")
+            t0 = time.monotonic()
+            up = ws_upgrade(srv.port, sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"]),
+                            timeout=30)
+            assert up.status == 504, up
+            took["websocket"] = time.monotonic() - t0  # includes ws_upgrade's 1 s body read
+            print("envd stopped, --envd-timeout 1s: answered 504 after "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()))
+            assert max(took[k] for k in ("file", "ping", "tunnel")) < 2 * limit + 1, took
+            assert took["websocket"] < 3 * limit + 1, took
+            # Nothing else waits on it.
+            assert timed_health(srv) < 1
+            with srv.envd(other) as envd:
+                assert envd.run("echo fine")[0] == ["fine"]
+        finally:
+            os.kill(envd_pid, signal.SIGCONT)
+        # Once it runs again: the established websocket, new ones and requests all work.
+        assert established.call("filesystem_list", ["/home"]) == HOME_LISTING
+        with srv.envd(doc) as envd:
+            assert envd.run("echo back")[0] == ["back"]
+        r = http_request(srv.port, "GET", "/file?path=/etc/hostname",
+                         host=sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"]))
+        assert r.status == 200, r
+    finally:
+        established.close()
+    for d in (doc, other):
+        assert srv.delete(d["sessionID"], key).status == 204
 
 
 def test_refresh_storm(server, team_key):

@@ -268,3 +268,42 @@ def test_full_data_dir_fails_creates_cleanly(tmp_path, server_log_dir):
     finally:
         srv.cleanup()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def test_low_host_memory_refuses_creates_cleanly(new_server):
+    """The host's available memory drops below what the server keeps free (a real 3 GiB taken by
+    another process, against a floor 1 GiB under what was available): creates get a JSON 503
+    that says so, running sessions keep working, and creates work again
+    once the memory is back."""
+    floor = _mem_available() - (1 << 30)
+    srv = new_server(pool_size=1, extra_args=["--min-available-memory", str(floor),
+                                              "--pool-environments", "Bash"])
+    key = srv.create_key("team-memory")
+    running = srv.create_session(key)
+    hog = subprocess.Popen(
+        ["python3", "-c", "import sys; b = bytearray(3 << 30); b[::4096] = b'x' * len(b[::4096]);"
+                          " print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "ready"
+        assert _mem_available() < floor, "the hog did not take the memory it should"
+        for _ in range(3):
+            r = srv.request("POST", "/sessions", body={"codeSnippetID": "Bash"}, api_key=key)
+            body = assert_error(r, 503, "low on memory", "--min-available-memory")
+        assert "MiB available" in body["message"], body
+        assert srv.request("GET", "/health").status == 200
+        with srv.envd(running) as envd:
+            assert envd.run("echo still-fine")[0] == ["still-fine"]
+    finally:
+        hog.stdin.close()
+        hog.wait(timeout=30)
+    again = srv.create_session(key)
+    with srv.envd(again) as envd:
+        assert envd.run("echo ok")[0] == ["ok"]

@@ -57,6 +57,7 @@ impl From<SessionError> for ApiError {
             SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
             SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
             SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            SessionError::LowMemory { .. } => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::Sandbox(_)
             | SessionError::Store(_)
             | SessionError::Environment(_)

@@ -22,7 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use burrow_gateway::Route;
+use burrow_gateway::{Gateway, Route};
 use burrow_sessions::{SessionInfo, Sessions};
 use burrow_store::{Principal, Store};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,8 @@ pub struct AppState {
     pub domain: String,
     /// With auth off every request acts as this principal.
     pub auth_off: Option<Principal>,
+    /// Proxies session hostnames to their sandboxes, within its per-session limits.
+    pub gateway: Gateway,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -117,7 +119,8 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
                 )
                 .into_response();
             };
-            burrow_gateway::proxy(req, &socket, port)
+            app.gateway
+                .proxy(req, session_id, &socket, port)
                 .instrument(span)
                 .await
         }

@@ -5,8 +5,21 @@
 //! splices the connection to that TCP port inside the sandbox. Either way the client's request is
 //! then forwarded unchanged over HTTP/1.1, and a `101 Switching Protocols` answer turns the
 //! exchange into a byte pipe in both directions.
+//!
+//! A hostile or broken party on either side must not hold the server: each session gets at most
+//! [`Limits::connections_per_session`] connections at once, and envd must accept a connection
+//! and answer a request's head within [`Limits::envd_timeout`] (a frozen or stopped sandbox gets
+//! its clients a `504`, not a hang). Upgraded connections have no deadline: an idle websocket is
+//! never closed.
+
+mod deadline;
+mod guarded;
+#[cfg(test)]
+mod proxy_tests;
+mod slots;
 
 use std::path::Path;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -14,6 +27,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tokio::task::{AbortHandle, JoinHandle};
+
+pub use guarded::Guarded;
+use slots::Slots;
 
 /// The port envd serves on in the E2B hostname scheme.
 pub const ENVD_PORT: u16 = 49982;
@@ -78,30 +95,139 @@ pub fn route<'a>(host: &'a str, domain: &str) -> Route<'a> {
     }
 }
 
+/// What the gateway allows; `burrow serve` sets them from its flags.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections through the gateway to one session's sandbox at once (websockets, tunnels and
+    /// requests in flight); more get `429`.
+    pub connections_per_session: usize,
+    /// How long envd may take to accept a connection, and to answer the head of a request once
+    /// it has the request; longer gets `504`. Never applied to an upgraded connection.
+    pub envd_timeout: Duration,
+}
+
+/// Proxies requests to sessions' sandboxes within [`Limits`].
+pub struct Gateway {
+    limits: Limits,
+    slots: Slots,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ProxyError {
+    #[error(
+        "session '{session}' already has {limit} connections open through the gateway: close some \
+         (websockets, tunnels) before opening more"
+    )]
+    TooMany { session: String, limit: usize },
     #[error("the session's sandbox is not answering: {0}")]
     Connect(std::io::Error),
+    #[error(
+        "the session's sandbox did not accept a connection within {0:?}: it may be overloaded or stopped"
+    )]
+    ConnectTimeout(Duration),
+    #[error("the session's sandbox did not answer within {0:?}: it may be overloaded or stopped")]
+    AnswerTimeout(Duration),
     #[error("the session's sandbox broke the connection: {0}")]
     Http(#[from] hyper::Error),
 }
 
-fn text(status: StatusCode, message: String) -> Response {
-    let mut resp = Response::new(Body::from(message));
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ConnectTimeout(_) | ProxyError::AnswerTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Connect(_) | ProxyError::Http(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The gateway's own failures in the API's error shape, `{"code": <status>, "message": "..."}`.
+fn error(e: &ProxyError) -> Response {
+    let status = e.status();
+    let body = serde_json::json!({"code": status.as_u16(), "message": e.to_string()});
+    let mut resp = Response::new(Body::from(body.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static("application/json"),
     );
     resp
 }
 
-/// Forwards `req` to `port` of the sandbox whose envd listens on `socket`.
-pub async fn proxy(mut req: Request, socket: &Path, port: u16) -> Response {
-    strip_credentials(&mut req);
-    match try_proxy(req, socket, port).await {
-        Ok(resp) => resp,
-        Err(e) => text(StatusCode::BAD_GATEWAY, e.to_string()),
+impl Gateway {
+    pub fn new(limits: Limits) -> Gateway {
+        Gateway {
+            limits,
+            slots: Slots::default(),
+        }
+    }
+
+    /// Forwards `req` to `port` of `session`'s sandbox, whose envd listens on `socket`.
+    pub async fn proxy(
+        &self,
+        mut req: Request,
+        session: &str,
+        socket: &Path,
+        port: u16,
+    ) -> Response {
+        strip_credentials(&mut req);
+        match self.try_proxy(req, session, socket, port).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway refused or failed");
+                error(&e)
+            }
+        }
+    }
+
+    async fn try_proxy(
+        &self,
+        req: Request,
+        session: &str,
+        socket: &Path,
+        port: u16,
+    ) -> Result<Response, ProxyError> {
+        let Limits {
+            connections_per_session: limit,
+            envd_timeout,
+        } = self.limits;
+        let slot = self
+            .slots
+            .take(session, limit)
+            .ok_or_else(|| ProxyError::TooMany {
+                session: session.to_owned(),
+                limit,
+            })?;
+        let stream = tokio::time::timeout(envd_timeout, UnixStream::connect(socket))
+            .await
+            .map_err(|_| ProxyError::ConnectTimeout(envd_timeout))?
+            .map_err(ProxyError::Connect)?;
+        // The slot lives with the socket: through hyper's connection and any upgrade after it.
+        let io = TokioIo::new(Guarded::new(stream, slot));
+        if port == ENVD_PORT {
+            return forward(io, req, Some(envd_timeout)).await;
+        }
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        let conn = Unanswered::new(tokio::spawn(conn.with_upgrades()));
+        let tunnel = hyper::Request::get(format!("/tunnel/{port}"))
+            .header(header::HOST, "envd")
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "tcp")
+            .body(Body::empty())
+            .expect("a static request is valid");
+        let mut answer = tokio::time::timeout(envd_timeout, sender.send_request(tunnel))
+            .await
+            .map_err(|_| ProxyError::AnswerTimeout(envd_timeout))??;
+        conn.answered();
+        if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(answer.map(Body::new));
+        }
+        let upgraded = hyper::upgrade::on(&mut answer).await?;
+        // The answer now comes from the program listening in the sandbox, which may take as long
+        // as it likes (long polls): no deadline.
+        forward(upgraded, req, None).await
     }
 }
 
@@ -130,28 +256,28 @@ fn strip_credentials(req: &mut Request) {
     }
 }
 
-async fn try_proxy(req: Request, socket: &Path, port: u16) -> Result<Response, ProxyError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(ProxyError::Connect)?;
-    let io = TokioIo::new(stream);
-    if port == ENVD_PORT {
-        return forward(io, req).await;
+/// A connection to envd whose answer has not come yet. If the wait is given up (deadline
+/// passed, client gone), dropping this ends the connection: hyper would otherwise keep it, and
+/// its descriptor and slot, for as long as it stays blocked writing to an envd that does not
+/// read.
+struct Unanswered(Option<AbortHandle>);
+
+impl Unanswered {
+    fn new<T>(conn: JoinHandle<T>) -> Unanswered {
+        Unanswered(Some(conn.abort_handle()))
     }
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(conn.with_upgrades());
-    let tunnel = hyper::Request::get(format!("/tunnel/{port}"))
-        .header(header::HOST, "envd")
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "tcp")
-        .body(Body::empty())
-        .expect("a static request is valid");
-    let mut answer = sender.send_request(tunnel).await?;
-    if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(answer.map(Body::new));
+
+    fn answered(mut self) {
+        self.0 = None;
     }
-    let upgraded = hyper::upgrade::on(&mut answer).await?;
-    forward(upgraded, req).await
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.abort();
+        }
+    }
 }
 
 fn wants_upgrade(req: &Request) -> bool {
@@ -163,20 +289,36 @@ fn wants_upgrade(req: &Request) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Sends the client's request over `io` and relays the answer; on `101` pipes the two upgraded
-/// connections into each other until either side closes.
-async fn forward<I>(io: I, mut req: Request) -> Result<Response, ProxyError>
+/// Sends the client's request over `io` and relays the answer, whose head must come within
+/// `deadline` (see [`deadline`]) if there is one; on `101` pipes the two upgraded connections
+/// into each other until either side closes, however long they stay idle.
+async fn forward<I>(
+    io: I,
+    mut req: Request,
+    deadline: Option<Duration>,
+) -> Result<Response, ProxyError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(async move {
+    let conn = tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "proxied connection ended");
         }
     });
+    let conn = Unanswered::new(conn);
     let client_side = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let mut resp = sender.send_request(req).await?;
+    let (parts, body) = req.into_parts();
+    let (body, progress) = deadline::watch(body);
+    let answer = sender.send_request(Request::from_parts(parts, body));
+    let mut resp = match deadline {
+        Some(limit) => progress
+            .within(limit, answer)
+            .await
+            .ok_or(ProxyError::AnswerTimeout(limit))??,
+        None => answer.await?,
+    };
+    conn.answered();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_side) = client_side
     {

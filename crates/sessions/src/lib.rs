@@ -39,6 +39,9 @@ pub struct Config {
     /// Live sessions this node runs at most, and one team at most (edit sessions included).
     pub max_sessions: usize,
     pub max_sessions_per_team: usize,
+    /// Creates are refused (and the pool not refilled) while the host has less memory
+    /// available than this many bytes (`MemAvailable`); 0 turns the check off.
+    pub min_available_memory: u64,
     /// This node's ID, the `clientID` of its sessions.
     pub client_id: String,
 }
@@ -73,6 +76,13 @@ pub enum Error {
     },
     #[error("{0}")]
     Store(#[from] burrow_store::Error),
+    #[error(
+        "this server is low on memory: {} MiB available, below the {} MiB it keeps free \
+         (--min-available-memory); try again later",
+        available >> 20,
+        floor >> 20
+    )]
+    LowMemory { available: u64, floor: u64 },
     #[error("{0}")]
     Environment(#[from] burrow_environments::Error),
     #[error("session '{session}' ended, but what it changed could not be saved: {reason}")]
@@ -170,7 +180,32 @@ fn new_session_id() -> String {
     burrow_store::random_alnum(20)
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
 impl Config {
+    /// Refuses a new sandbox while the host is short of memory: its start and its first steps
+    /// would push the host towards the kernel's OOM killer, which may pick the server itself.
+    /// (Sandboxes together are capped by the node's cgroup; this guards everything else.)
+    fn check_memory(&self) -> Result<(), Error> {
+        let floor = self.min_available_memory;
+        match available_memory() {
+            Some(available) if available < floor => Err(Error::LowMemory { available, floor }),
+            _ => Ok(()),
+        }
+    }
+
     /// The limits of a sandbox of `environment`.
     pub fn limits_for(&self, environment: &str) -> Limits {
         self.environment_limits
@@ -501,6 +536,7 @@ impl Sessions {
             None
         };
         let _slot = self.reserve(principal)?;
+        self.inner.config.check_memory()?;
         // The pool holds sandboxes of the catalog's environments, not of saved edits.
         let pooled = match env.snapshot {
             None => self.inner.pool.take(&env, &*self.inner.backend).await,

@@ -137,6 +137,10 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                     if inner.pool.draining.load(Ordering::SeqCst) {
                         return;
                     }
+                    if let Err(e) = inner.config.check_memory() {
+                        tracing::warn!("not refilling the pool: {e}");
+                        break;
+                    }
                     let spec = SandboxSpec {
                         environment: env.clone(),
                         limits: inner.config.limits_for(&env.name),

@@ -1,0 +1,213 @@
+//! The gateway's limits against fake envds on unix sockets: one that never answers, one that
+//! stops reading, one that answers only once it has a slowly sent body.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Frame};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use super::*;
+
+const LIMIT: Duration = Duration::from_millis(300);
+
+/// A socket path of its own for each test.
+fn socket(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burrow-gateway-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("envd.sock")
+}
+
+fn gateway(connections_per_session: usize) -> Gateway {
+    Gateway::new(Limits {
+        connections_per_session,
+        envd_timeout: LIMIT,
+    })
+}
+
+fn get(path: &str) -> Request {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+/// An envd that accepts connections and then neither reads nor writes, like a stopped one.
+fn silent_envd(path: &Path) {
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+}
+
+async fn status_and_message(resp: Response) -> (StatusCode, String) {
+    let status = resp.status();
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["code"], status.as_u16());
+    (status, body["message"].as_str().unwrap().to_owned())
+}
+
+/// Waits (up to a second) for `session`'s connections to be given back.
+async fn all_closed(gateway: &Gateway, session: &str) {
+    for _ in 0..100 {
+        if gateway.slots.open(session) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} connections of {session} still counted",
+        gateway.slots.open(session)
+    );
+}
+
+#[tokio::test]
+async fn a_silent_envd_gets_504_in_time() {
+    let path = socket("silent");
+    silent_envd(&path);
+    let gateway = gateway(8);
+    for port in [ENVD_PORT, 8080] {
+        let start = Instant::now();
+        let resp = gateway.proxy(get("/ws"), "s1", &path, port).await;
+        let took = start.elapsed();
+        let (status, message) = status_and_message(resp).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{message}");
+        assert!(message.contains("did not answer within 300ms"), "{message}");
+        assert!(took >= LIMIT && took < LIMIT * 3, "port {port}: {took:?}");
+    }
+    all_closed(&gateway, "s1").await;
+}
+
+#[tokio::test]
+async fn a_missing_envd_gets_502() {
+    let gateway = gateway(8);
+    let resp = gateway
+        .proxy(get("/ws"), "s1", &socket("missing"), ENVD_PORT)
+        .await;
+    let (status, message) = status_and_message(resp).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{message}");
+    all_closed(&gateway, "s1").await;
+}
+
+#[tokio::test]
+async fn a_session_over_its_cap_gets_429_and_others_do_not() {
+    let path = socket("cap");
+    silent_envd(&path);
+    let gateway = Arc::new(gateway(2));
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (gateway, path) = (gateway.clone(), path.clone());
+            tokio::spawn(async move { gateway.proxy(get("/ws"), "s1", &path, ENVD_PORT).await })
+        })
+        .collect();
+    while gateway.slots.open("s1") < 2 {
+        tokio::task::yield_now().await;
+    }
+    let (status, message) =
+        status_and_message(gateway.proxy(get("/ws"), "s1", &path, ENVD_PORT).await).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{message}");
+    assert!(message.contains("2 connections"), "{message}");
+    // Another session is not affected (its envd is silent too, hence the 504).
+    let (status, _) =
+        status_and_message(gateway.proxy(get("/ws"), "s2", &path, ENVD_PORT).await).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    all_closed(&gateway, "s1").await;
+}
+
+/// A client's request body: whatever arrives on the channel, until it is closed.
+struct Trickle(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn upload(pieces: mpsc::Receiver<Bytes>) -> Request {
+    Request::post("/file")
+        .body(Body::new(Trickle(pieces)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_off() {
+    let path = socket("slow");
+    // An envd that answers with the body's length once it has all of it.
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        let service =
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(hyper::Response::new(Body::from(body.len().to_string())))
+            });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(conn), service)
+            .await
+            .unwrap();
+    });
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..3 {
+            tokio::time::sleep(LIMIT * 2).await;
+            tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        }
+    });
+    let gateway = gateway(8);
+    let resp = gateway.proxy(upload(rx), "s1", &path, ENVD_PORT).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"9");
+    all_closed(&gateway, "s1").await;
+}
+
+#[tokio::test]
+async fn an_envd_that_stops_reading_an_upload_gets_504() {
+    let path = socket("stuck");
+    // An envd that reads the request head and a little more, then nothing.
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        conn.read_exact(&mut buf).await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    // A client with far more to send than the sockets buffer.
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let piece = Bytes::from(vec![b'x'; 1 << 20]);
+        for _ in 0..64 {
+            if tx.send(piece.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let gateway = gateway(8);
+    let start = Instant::now();
+    let resp = gateway.proxy(upload(rx), "s1", &path, ENVD_PORT).await;
+    let (status, message) = status_and_message(resp).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{message}");
+    assert!(start.elapsed() < LIMIT * 3, "{:?}", start.elapsed());
+    all_closed(&gateway, "s1").await;
+}
