@@ -89,6 +89,9 @@ pub struct ServeArgs {
 
 /// `--max-connections` when not given.
 const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// The least default cap: below it the server would be unusable, and running out of
+/// descriptors (which it warns about) is the lesser evil.
+const MIN_DEFAULT_CONNECTIONS: usize = 1024;
 /// Descriptors kept out of the connection budget: the database, logs, the warm pool, connections
 /// being refused and spare; one per sandbox is added on top.
 const RESERVED_FDS: u64 = 1024;
@@ -113,7 +116,15 @@ fn max_connections(wanted: Option<NonZeroUsize>, fd_limit: u64, max_sessions: us
             }
             wanted.get()
         }
-        None => DEFAULT_MAX_CONNECTIONS.min(fits).max(1),
+        None if fits < MIN_DEFAULT_CONNECTIONS => {
+            tracing::warn!(
+                "the open-file limit ({fd_limit}) is low for {max_sessions} sessions: allowing \
+                 {MIN_DEFAULT_CONNECTIONS} connections, which may run out of descriptors; raise \
+                 the limit or lower --max-sessions"
+            );
+            MIN_DEFAULT_CONNECTIONS
+        }
+        None => DEFAULT_MAX_CONNECTIONS.min(fits),
     }
 }
 
@@ -364,8 +375,12 @@ mod tests {
         );
         // 20,000: two per connection after 2,000 sessions and the reserve.
         assert_eq!(max_connections(None, 20_000, 2000), (20_000 - 3024) / 2);
-        // Too few for anything: still one connection, so the API answers.
-        assert_eq!(max_connections(None, 256, 2000), 1);
+        // Too few for the sessions (a low limit, or a huge --max-sessions): a usable floor.
+        assert_eq!(max_connections(None, 256, 2000), MIN_DEFAULT_CONNECTIONS);
+        assert_eq!(
+            max_connections(None, 20_000, 100_000),
+            MIN_DEFAULT_CONNECTIONS
+        );
         // Asked for explicitly: taken as is.
         let ten = NonZeroUsize::new(10).unwrap();
         assert_eq!(max_connections(Some(ten), 256, 2000), 10);

@@ -1,13 +1,15 @@
 //! The warm pool: sandboxes started ahead of demand, per available environment, so that
 //! `POST /sessions` only has to hand one out. One background task refills it, one sandbox at a
-//! time, so the pool never competes with requests for more than one start at once. A sandbox
+//! time, so the pool never competes with requests for more than one start at once, and only
+//! once creates pause: a burst of creates (each taking a sandbox and starting its first
+//! command) gets the CPU, and the pool refills behind it. A sandbox
 //! is only handed out for the environment version it was started from: after a new image
 //! version becomes current, the filler replaces the pooled sandboxes of the old one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burrow_runtime::{Backend, Environment, Sandbox, SandboxSpec};
 use tokio::sync::Notify;
@@ -16,6 +18,10 @@ use crate::Sessions;
 
 /// How often the filler looks for new environment versions without being woken.
 const RECHECK: Duration = Duration::from_secs(5);
+/// A refill waits until no sandbox was taken for this long...
+const QUIET: Duration = Duration::from_millis(50);
+/// ...but never longer than this, so that steady traffic still gets a pool.
+const MAX_DEFER: Duration = Duration::from_secs(1);
 
 /// A ready sandbox and the environment (version) it was started from.
 type Ready = (Sandbox, Arc<Environment>);
@@ -24,6 +30,8 @@ pub(crate) struct Pool {
     size: usize,
     ready: Mutex<HashMap<String, Vec<Ready>>>,
     wake: Notify,
+    /// When a sandbox was last handed out.
+    last_take: Mutex<Option<Instant>>,
     draining: AtomicBool,
     /// The refill task, awaited by [`Pool::drain`] so no start in flight outlives the server.
     filler: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -35,6 +43,7 @@ impl Pool {
             size,
             ready: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            last_take: Mutex::new(None),
             draining: AtomicBool::new(false),
             filler: Mutex::new(None),
         }
@@ -51,6 +60,7 @@ impl Pool {
         environment: &Arc<Environment>,
         backend: &dyn Backend,
     ) -> Option<Sandbox> {
+        *self.last_take.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         loop {
             let (sandbox, made_from) = self.ready().get_mut(&environment.name)?.pop()?;
             if !Arc::ptr_eq(&made_from, environment) {
@@ -61,6 +71,21 @@ impl Pool {
                 tracing::warn!(sandbox = %sandbox.id, "pooled sandbox died; discarding it");
             }
             let _ = backend.destroy(&sandbox.id).await;
+        }
+    }
+
+    /// Waits until creates pause (see [`QUIET`]), at most [`MAX_DEFER`].
+    async fn until_quiet(&self) {
+        let waiting = Instant::now();
+        loop {
+            let last = *self.last_take.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(since) = last.map(|at| at.elapsed()) else {
+                return;
+            };
+            if since >= QUIET || waiting.elapsed() >= MAX_DEFER {
+                return;
+            }
+            tokio::time::sleep(QUIET - since).await;
         }
     }
 
@@ -137,6 +162,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                     if inner.pool.draining.load(Ordering::SeqCst) {
                         return;
                     }
+                    inner.pool.until_quiet().await;
                     if let Err(e) = inner.config.check_memory() {
                         tracing::warn!("not refilling the pool: {e}");
                         break;
