@@ -233,6 +233,14 @@ fn dispatch(
     method: &str,
     params: Option<Value>,
 ) -> Result<Outcome, RpcError> {
+    // Reads leave the sandbox as it was; anything else may change what a login shell's profile
+    // reads. process_start decides for itself.
+    if !matches!(
+        (service, name),
+        ("filesystem", "list" | "read" | "readBase64") | ("process", "start" | "stdin" | "kill")
+    ) {
+        state.first_shell.discard();
+    }
     let handler = match service {
         "filesystem" => filesystem::method(name),
         "process" => process::method(name),

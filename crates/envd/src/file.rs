@@ -154,6 +154,7 @@ pub(crate) async fn upload(
     Shared(state): Shared<Arc<State>>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
+    state.first_shell.discard();
     let mut multipart = match multipart {
         Ok(multipart) => multipart,
         Err(rejection) => {

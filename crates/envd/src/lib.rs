@@ -15,6 +15,7 @@ mod child;
 mod connection;
 mod file;
 mod filesystem;
+mod first_shell;
 mod hub;
 mod outbox;
 mod ports;
@@ -84,12 +85,14 @@ pub(crate) struct State {
     pub(crate) processes: process::Processes,
     pub(crate) terminals: terminal::Terminals,
     pub(crate) watcher: watch::Watcher,
+    pub(crate) first_shell: first_shell::FirstShell,
     next_connection: AtomicU64,
 }
 
 impl State {
     fn new(config: Config) -> Self {
         Self {
+            first_shell: first_shell::FirstShell::start(&config),
             config,
             hub: hub::Hub::default(),
             processes: process::Processes::default(),
@@ -141,4 +144,50 @@ pub(crate) fn random_id(len: usize) -> String {
     (0..len)
         .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
         .collect()
+}
+
+/// Entry points for the AFL++ targets in `fuzz/`, which cannot reach private modules. Not an API:
+/// nothing but those targets may use it.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    use serde_json::Value;
+
+    /// What [`serve`](crate::serve) serves on `config` (`/ws`, `/file`, ...), without the SIGCHLD
+    /// reaper, so that a target can drive it in memory.
+    pub fn router(config: crate::Config) -> axum::Router {
+        crate::router(Arc::new(crate::State::new(config)))
+    }
+
+    /// How envd classifies one websocket message (`rpc::parse`).
+    #[derive(Debug)]
+    pub enum Parsed {
+        /// A call; `id` is `None` for a notification.
+        Call {
+            id: Option<Value>,
+            method: String,
+            params: Option<Value>,
+        },
+        /// Answered at once with this error.
+        Refused {
+            id: Value,
+            code: i64,
+            message: String,
+        },
+    }
+
+    /// `rpc::parse` in public types, so a target checks envd's own decision, not a copy of it.
+    pub fn parse(message: &[u8]) -> Parsed {
+        match crate::rpc::parse(message) {
+            crate::rpc::Incoming::Request { id, method, params } => {
+                Parsed::Call { id, method, params }
+            }
+            crate::rpc::Incoming::Invalid { id, error } => Parsed::Refused {
+                id,
+                code: error.code,
+                message: error.message,
+            },
+        }
+    }
 }

@@ -96,23 +96,34 @@ fn start(state: &Arc<State>, args: &Args) -> Result<Outcome, RpcError> {
     let fail =
         |detail: String| RpcError::handler(format!("error starting process '{id}': {detail}"));
     let config = &state.config;
-    let cwd = child::working_dir(config, &cwd).map_err(fail)?;
-    let mut command = Command::new(&config.shell);
-    command
-        .args(["-l", "-c", &cmd])
-        .env_clear()
-        .envs(child::environment(config, &[], &env))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    child::confine(&mut command, config, &cwd, false).map_err(|e| fail(e.to_string()))?;
-    let (mut spawned, exit) = reaper::spawn(&mut command).map_err(|error| {
-        fail(format!(
-            "fork/exec {}: {}",
-            config.shell.display(),
-            child::os_error_text(&error)
-        ))
-    })?;
+    let ahead = if env.is_empty() && cwd.is_empty() {
+        state.first_shell.claim(&cmd)
+    } else {
+        state.first_shell.discard();
+        None
+    };
+    let (mut spawned, exit) = match ahead {
+        Some(started) => started,
+        None => {
+            let cwd = child::working_dir(config, &cwd).map_err(fail)?;
+            let mut command = Command::new(&config.shell);
+            command
+                .args(["-l", "-c", &cmd])
+                .env_clear()
+                .envs(child::environment(config, &[], &env))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            child::confine(&mut command, config, &cwd, false).map_err(|e| fail(e.to_string()))?;
+            reaper::spawn(&mut command).map_err(|error| {
+                fail(format!(
+                    "fork/exec {}: {}",
+                    config.shell.display(),
+                    child::os_error_text(&error)
+                ))
+            })?
+        }
+    };
     let pid = Pid::from_raw(i32::try_from(spawned.id()).unwrap_or(i32::MAX));
     let (stdin, stdout, stderr) = match pipes(&mut spawned) {
         Ok(pipes) => pipes,

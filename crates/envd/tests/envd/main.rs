@@ -38,6 +38,11 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub async fn start() -> Self {
+        Self::start_with_home(|_| ()).await
+    }
+
+    /// Starts envd once `prepare` has filled the home directory.
+    pub async fn start_with_home(prepare: impl FnOnce(&std::path::Path)) -> Self {
         let root = std::env::temp_dir().join(format!(
             "burrow-envd-test-{}-{:016x}",
             std::process::id(),
@@ -45,6 +50,7 @@ impl Sandbox {
         ));
         let home = root.join("home");
         std::fs::create_dir_all(&home).unwrap();
+        prepare(&home);
         let workdir = root.join("work");
         std::fs::create_dir_all(&workdir).unwrap();
         let socket = root.join("envd.sock");

@@ -259,3 +259,56 @@ async fn a_client_that_does_not_read_throttles_the_process() {
     let mut other = sandbox.rpc().await;
     other.ok("process_kill", json!(["flood"])).await;
 }
+
+/// The first command of a sandbox runs in a login shell started ahead of time (first_shell.rs):
+/// it must behave exactly as the next commands, started the ordinary way.
+#[tokio::test]
+async fn the_first_command_runs_like_every_other() {
+    let sandbox = Sandbox::start_with_home(|home| {
+        std::fs::write(
+            home.join(".profile"),
+            "export FROM_PROFILE=yes\necho profile-says-hi\n",
+        )
+        .unwrap();
+    })
+    .await;
+    let mut rpc = sandbox.rpc().await;
+    let probe = r#"echo "$0|$-|$#|$PWD|$FROM_PROFILE|${BURROW_COMMAND-unset}"; shopt -q login_shell && echo login; ls /proc/$$/fd/3 2>/dev/null || echo no-fd-3; read -r line; echo "stdin:$line"; exit 7"#;
+    let mut outputs = Vec::new();
+    for id in ["first", "second"] {
+        let (stdout, stderr, exit) = subscribe_process(&mut rpc, id).await;
+        rpc.ok("process_start", json!([id, probe, {}, ""])).await;
+        rpc.ok("process_stdin", json!([id, "typed\n"])).await;
+        let run = collect(&mut rpc, &stdout, &stderr, &exit).await;
+        assert_eq!(run.exit, Some(json!(7)), "{id}: {run:?}");
+        outputs.push((run.stdout, run.stderr));
+    }
+    assert_eq!(outputs[0], outputs[1], "the first command ran differently");
+    let workdir = sandbox.workdir.display().to_string();
+    assert_eq!(
+        outputs[0].0,
+        [
+            "profile-says-hi".to_owned(),
+            format!("/bin/bash|hBc|0|{workdir}|yes|unset"),
+            "login".into(),
+            "no-fd-3".into(),
+            "stdin:typed".into(),
+        ]
+    );
+}
+
+/// A change before the first command (here: the profile, written over RPC) means the shell
+/// started ahead read an outdated profile: the first command starts afresh and sees the change.
+#[tokio::test]
+async fn the_first_command_sees_changes_made_before_it() {
+    let sandbox = Sandbox::start().await;
+    let mut rpc = sandbox.rpc().await;
+    let profile = sandbox.home.join(".profile").display().to_string();
+    rpc.ok(
+        "filesystem_write",
+        json!([profile, "export FROM_PROFILE=written-first\n"]),
+    )
+    .await;
+    let run = run(&mut rpc, "first", "echo $FROM_PROFILE", json!({}), "").await;
+    assert_eq!(run.stdout, ["written-first"]);
+}
