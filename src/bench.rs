@@ -2,13 +2,13 @@
 //! server (this binary, started as child processes) over its public API, side by side with a raw
 //! baseline taken in the same run: `unshare` with the same namespaces exec'ing `true`.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use burrow_client::{Client, Session};
+
+use crate::child_server::{ChildServer, proc_field};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -46,6 +46,9 @@ enum Section {
 
 const DOMAIN: &str = "localhost";
 
+/// Sessions outlive every measurement.
+const SESSION_TTL: &[&str] = &["--session-ttl", "30m"];
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -80,116 +83,6 @@ fn row(name: &str, s: &Samples) {
     );
 }
 
-/// A `burrow serve` child on a free port with a throwaway data dir.
-struct Server {
-    child: tokio::process::Child,
-    client: Client,
-    data_dir: PathBuf,
-}
-
-impl Server {
-    async fn start(pool_size: usize, env: &str) -> anyhow::Result<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let data_dir =
-            std::env::temp_dir().join(format!("burrow-bench-{}", burrow_store::random_alnum(8)));
-        let log =
-            std::fs::File::create(std::env::temp_dir().join(format!("burrow-bench-{port}.log")))?;
-        let child = tokio::process::Command::new("/proc/self/exe")
-            .args(["serve", "--auth", "off", "--session-ttl", "30m"])
-            .args([
-                "--max-sessions",
-                "100000",
-                "--max-sessions-per-team",
-                "100000",
-            ])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--pool-size")
-            .arg(pool_size.to_string())
-            .arg("--pool-environments")
-            .arg(env)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start `burrow serve`")?;
-        let client = Client::new(&format!("http://127.0.0.1:{port}"), None)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((status, _)) = client
-                .request(burrow_client::Method::GET, "/health", None, None)
-                .await
-                && status.is_success()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the server did not come up within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Server {
-            child,
-            client,
-            data_dir,
-        })
-    }
-
-    /// Deletes every session, stops the server and removes its data dir.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        for s in self.client.list_sessions().await? {
-            self.client.delete_session(&s.session_id).await?;
-        }
-        if let Some(pid) = self.child.id() {
-            // SAFETY: sending a signal to our own child process has no memory-safety effects.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-        tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await??;
-        std::fs::remove_dir_all(&self.data_dir).ok();
-        Ok(())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
-    /// Waits until the warm pool holds `n` ready sandboxes of `env` (from `/metrics`).
-    async fn wait_pool(&self, env: &str, n: usize) -> anyhow::Result<()> {
-        let gauge = format!("burrow_pool_ready{{environment=\"{env}\"}} ");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, body) = self
-                .client
-                .request(burrow_client::Method::GET, "/metrics", None, None)
-                .await?;
-            let ready = String::from_utf8_lossy(&body)
-                .lines()
-                .find_map(|l| l.strip_prefix(&gauge)?.parse::<usize>().ok())
-                .unwrap_or(0);
-            if ready >= n {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the pool did not fill to {n} within 120 s (at {ready})");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// A `Key: 123 kB` field of a /proc file.
-fn proc_kib(path: &str, key: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {key} in {path}"))
-}
-
 /// Memory as the host sees it: what the node's sandboxes are charged (their cgroups, kernel
 /// memory included), what the server process holds, and MemAvailable.
 struct MemoryProbe {
@@ -216,8 +109,8 @@ impl MemoryProbe {
         };
         Ok(MemoryProbe {
             sandboxes_kib,
-            server_kib: proc_kib(&format!("/proc/{server_pid}/status"), "VmRSS:")?,
-            available_kib: proc_kib("/proc/meminfo", "MemAvailable:")?,
+            server_kib: proc_field(&format!("/proc/{server_pid}/status"), "VmRSS:")?,
+            available_kib: proc_field("/proc/meminfo", "MemAvailable:")?,
         })
     }
 }
@@ -237,7 +130,11 @@ async fn time_to_interactive(client: &Client, env: &str) -> anyhow::Result<(Dura
 }
 
 /// `n` sessions made interactive at once; each one's time to interactive.
-async fn burst(server: &Server, env: &str, n: usize) -> anyhow::Result<Vec<(Duration, Session)>> {
+async fn burst(
+    server: &ChildServer,
+    env: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(Duration, Session)>> {
     let client = Arc::new(Client::new(
         &format!("http://{}", server.client.addr()),
         None,
@@ -311,7 +208,7 @@ async fn baseline(args: &BenchArgs) -> anyhow::Result<()> {
 /// Without the pool: every create starts a sandbox.
 async fn no_pool(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = Server::start(0, env).await?;
+    let server = ChildServer::start("bench", 0, env, SESSION_TTL).await?;
     let client = &server.client;
     let (mut create, mut destroy) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -372,7 +269,7 @@ async fn no_pool(args: &BenchArgs) -> anyhow::Result<()> {
 
 async fn idle(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = Server::start(0, env).await?;
+    let server = ChildServer::start("bench", 0, env, SESSION_TTL).await?;
     let client = Arc::new(Client::new(
         &format!("http://{}", server.client.addr()),
         None,
@@ -428,7 +325,7 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<()> {
 async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
     const POOL: usize = 2;
     let env = args.env.as_str();
-    let server = Server::start(POOL, env).await?;
+    let server = ChildServer::start("bench", POOL, env, SESSION_TTL).await?;
     let client = &server.client;
     let (mut create, mut tti) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -456,7 +353,7 @@ async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
 /// A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
 async fn pool_burst(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = Server::start(args.concurrent, env).await?;
+    let server = ChildServer::start("bench", args.concurrent, env, SESSION_TTL).await?;
     server.wait_pool(env, args.concurrent).await?;
     let tti: Vec<Duration> = burst(&server, env, args.concurrent)
         .await?

@@ -1,10 +1,12 @@
 //! `burrow`: the server, the CLI, and (as `burrow sandbox-init`) the agent inside each sandbox.
 
 mod bench;
+mod child_server;
 mod cli;
 mod env_build;
 mod sandbox_cmd;
 mod serve;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,8 @@ enum Command {
     Session(cli::SessionCommand),
     /// Measure sandbox and session latencies and memory against a raw `unshare` baseline.
     Bench(bench::BenchArgs),
+    /// Drive hundreds of SDK-like sessions for a long time; fail on any error or server drift.
+    Soak(soak::SoakArgs),
     /// Run a command in a fresh sandbox of an environment and print its output (debugging aid).
     SandboxRun(sandbox_cmd::RunArgs),
     /// The first process inside a sandbox; started by the server, never by hand.
@@ -52,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Env(cmd) => cli::env(cmd),
         Command::Session(cmd) => cli::session(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Soak(args) => soak::run(args),
     }
 }

@@ -292,6 +292,66 @@ impl Envd {
             .await
             .map(drop)
     }
+
+    /// Runs `cmd` as the SDK's `process.start()` with an stdout handler followed by `wait()`:
+    /// subscribes to its exit and stdout, starts it, collects stdout lines until the exit
+    /// notification (envd publishes it after the last line), then closes both subscriptions.
+    /// Returns the exit code and the stdout lines.
+    pub async fn exec_stdout(
+        &mut self,
+        process_id: &str,
+        cmd: &str,
+    ) -> Result<(i64, Vec<String>), Error> {
+        let mut subscribe = async |topic: &str| {
+            let sub = self
+                .call("process_subscribe", json!([topic, process_id]))
+                .await?;
+            sub.as_str()
+                .map(String::from)
+                .ok_or_else(|| Error::Decode(format!("subscription id {sub}")))
+        };
+        let exit = subscribe("onExit").await?;
+        let stdout = subscribe("onStdout").await?;
+        self.call("process_start", json!([process_id, cmd, {}, ""]))
+            .await?;
+        let mut lines = Vec::new();
+        let code = loop {
+            let msg = match self.pending.pop_front() {
+                Some(m) => m,
+                None => self.next_message().await?,
+            };
+            let params = &msg["params"];
+            if params["subscription"] == json!(stdout) {
+                let line = params["result"]["line"]
+                    .as_str()
+                    .ok_or_else(|| Error::Decode(format!("output line {params}")))?;
+                lines.push(line.to_string());
+            } else if params["subscription"] == json!(exit) {
+                break params["result"]
+                    .as_i64()
+                    .ok_or_else(|| Error::Decode(format!("exit code {params}")))?;
+            }
+        };
+        self.unsubscribe(&exit).await?;
+        self.unsubscribe(&stdout).await?;
+        Ok((code, lines))
+    }
+
+    /// `filesystem_write`: creates or truncates `path` with `content`.
+    pub async fn filesystem_write(&mut self, path: &str, content: &str) -> Result<(), Error> {
+        self.call("filesystem_write", json!([path, content]))
+            .await
+            .map(drop)
+    }
+
+    /// `filesystem_read`: the content of `path` as text.
+    pub async fn filesystem_read(&mut self, path: &str) -> Result<String, Error> {
+        let content = self.call("filesystem_read", json!([path])).await?;
+        content
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| Error::Decode(format!("file content {content}")))
+    }
 }
 
 #[cfg(test)]

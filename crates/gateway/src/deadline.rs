@@ -109,29 +109,11 @@ impl hyper::body::Body for Watched {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
 
     use super::*;
-
-    /// A client's request body: whatever arrives on the channel, until it is closed.
-    struct Trickle(mpsc::Receiver<Bytes>);
-
-    impl hyper::body::Body for Trickle {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|piece| piece.map(|b| Ok(Frame::data(b))))
-        }
-    }
+    use crate::proxy_tests::Trickle;
 
     #[tokio::test(start_paused = true)]
     async fn the_clock_runs_only_while_envd_is_waited_on() {

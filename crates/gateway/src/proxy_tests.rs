@@ -128,7 +128,7 @@ async fn a_session_over_its_cap_gets_429_and_others_do_not() {
 }
 
 /// A client's request body: whatever arrives on the channel, until it is closed.
-struct Trickle(mpsc::Receiver<Bytes>);
+pub(crate) struct Trickle(pub(crate) mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for Trickle {
     type Data = Bytes;
