@@ -78,3 +78,29 @@ def test_concurrent_creates_cannot_overshoot_the_cap(new_server):
         statuses = sorted(pool.map(create, range(10)))
     assert statuses == [201] * 3 + [429] * 7, statuses
     assert len(srv.list_sessions(key)) == 3
+
+
+# Fills 300 loopback TCP connections whose reader never reads; prints the MiB the kernel took.
+TCP_QUEUE = """
+import socket
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(512)
+keep, total, chunk = [], 0, b"x" * 65536
+for _ in range(300):
+    c = socket.create_connection(srv.getsockname()); keep.append(srv.accept()[0])
+    c.setblocking(False); keep.append(c)
+    while True:
+        try:
+            total += c.send(chunk)
+        except BlockingIOError:
+            break
+print(total >> 20)
+"""
+
+
+def test_socket_buffers_count_against_the_memory_limit(server, team_key):
+    """Data queued in the sandbox's own TCP connections is kernel memory too: on cgroup v1 it
+    has its own counter, which burrow limits (a quarter of the memory limit); on v2 it is part
+    of the memory limit. Without that, this sandbox (64 MiB) queued over 1 GiB."""
+    out, err, code = run(server, team_key, "Python3", "python3 -c '" + TCP_QUEUE.replace("'", "\"") + "'")
+    assert code == 0, (out, err)
+    assert int(out[-1]) < 64, f"{out[-1]} MiB queued in TCP buffers under a 64 MiB limit"
