@@ -548,3 +548,43 @@ def test_gigabytes_of_output_keep_server_and_envd_memory_bounded(server, team_ke
     assert received["fast-reader"] > 64 << 20, f"the fast reader got only {received['fast-reader']} bytes"
     assert peak["server"] - base["server"] < 64 * 1024, f"server RSS grew {peak['server'] - base['server']} KiB"
     assert peak["envd"] < 128 * 1024, f"envd RSS reached {peak['envd']} KiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-user kernel budgets
+# ---------------------------------------------------------------------------------------------
+
+NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4), linux/nsfs.h
+
+
+def _userns_owner(pid: int) -> int:
+    import fcntl
+    import struct
+
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY)
+    try:
+        return struct.unpack("I", fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+
+
+def test_each_sandbox_has_its_own_user_namespace_owner(server, team_key):
+    """The kernel charges per-user counts made in a user namespace (inotify instances and
+    watches, pending signals, message queue bytes) to the namespace's owner as well: owned by
+    root, every sandbox would share those budgets with host root and with every other sandbox,
+    and one could exhaust them for all. Each sandbox's namespace is owned by a host uid of its
+    own, outside the sandboxes' mapped ids and not root."""
+    a, b = server.create_session(team_key), server.create_session(team_key)
+    owners = [_userns_owner(server.envd_pid(s)) for s in (a, b)]
+    for owner in owners:
+        assert owner != 0, "a sandbox's user namespace is owned by host root"
+        # Mapped ids are 100000..165535 (the default uid base); owners come after them.
+        assert 165536 <= owner < 231072, owners
+    assert owners[0] != owners[1], owners
+    # Inside, root is still the sandbox's root, and inotify works.
+    with server.envd(a) as envd:
+        out, err, code = run(envd, "python3 -c 'import ctypes; l = ctypes.CDLL(None);"
+                                   " print(l.inotify_init1(0) >= 0)'; id -u")
+        assert (out, code) == ("True\n1000", 0), (out, err)
+    for s in (a, b):
+        server.delete(s["sessionID"], team_key)

@@ -119,8 +119,9 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "uid base {0} is unusable: sandboxes map 65536 ids from it, so it must be between 1 and {max}",
-        max = u32::MAX - ID_RANGE
+        "uid base {0} is unusable: sandboxes map 65536 ids from it and their namespaces are owned \
+         by the next 65536, so it must be between 1 and {max}",
+        max = u32::MAX - 2 * ID_RANGE
     )]
     UidBase(u32),
     #[error(
@@ -458,10 +459,11 @@ fn check_hidden(data_dir: &Path, binds: &[Bind]) -> Result<(), Error> {
     }
 }
 
-/// Sandboxes map their ids 0..65536 to host ids from `uid_base`: it must leave room for them and
-/// must not be 0 (sandbox root would be host root).
+/// Sandboxes map their ids 0..65536 to host ids from `uid_base`, and their user namespaces are
+/// owned by the 65536 ids after those: it must leave room for both and must not be 0 (sandbox
+/// root would be host root).
 pub fn validate_uid_base(uid_base: u32) -> Result<(), Error> {
-    if uid_base == 0 || uid_base > u32::MAX - ID_RANGE {
+    if uid_base == 0 || uid_base > u32::MAX - 2 * ID_RANGE {
         return Err(Error::UidBase(uid_base));
     }
     Ok(())

@@ -357,6 +357,7 @@ impl Inner {
             &self.config.init_program,
             [devnull.as_fd(), stdout, stderr, child_control.as_fd()],
             cgroup.as_ref().map(|fd| fd.as_fd()),
+            namespace_owner(self.config.uid_base, id),
         )?;
         drop(child_control);
         if let Err(e) = self.release(id, &child, &mut control, rootfs, run_dir, config) {
@@ -560,6 +561,17 @@ impl Inner {
             tracing::warn!(%id, "cannot watch the sandbox's cgroup, taking it for dead: {e}");
         }
     }
+}
+
+/// The host uid that owns a sandbox's user namespace: one of the `ID_RANGE` uids right above the
+/// sandboxes' mapped ids, picked by the sandbox id, so that sandboxes share per-user kernel
+/// budgets (see `spawn::AsOwner`) with no one but the rare other sandbox whose id picks the same.
+fn namespace_owner(uid_base: u32, id: &str) -> u32 {
+    // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    uid_base + ID_RANGE + (hash % u64::from(ID_RANGE)) as u32
 }
 
 /// Reaps the sandbox's init when it exits (its pidfd turns readable) and publishes its status.

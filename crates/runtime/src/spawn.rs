@@ -53,11 +53,13 @@ const ARGV1: &CStr = c"sandbox-init";
 /// directory `cgroup` if given. `fds[n]` becomes its fd `n`: stdin, stdout, stderr, and the
 /// control socket; every other descriptor is closed. The child waits for one byte on fd 3, then
 /// becomes uid/gid 0 of its user namespace (the parent must have written the id maps by then)
-/// and executes `program` with an empty environment.
+/// and executes `program` with an empty environment. The new user namespace is owned by host
+/// uid `owner` (see [`AsOwner`]).
 pub(crate) fn clone_init(
     program: &Path,
     fds: [BorrowedFd<'_>; CHILD_FDS],
     cgroup: Option<BorrowedFd<'_>>,
+    owner: u32,
 ) -> Result<Child, Error> {
     let program = CString::new(program.as_os_str().as_bytes())
         .map_err(|_| Error::Clone(std::io::Error::other("init program path contains NUL")))?;
@@ -77,6 +79,7 @@ pub(crate) fn clone_init(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = cgroup.as_raw_fd() as u64;
     }
+    let as_owner = AsOwner::enter(owner).map_err(Error::Clone)?;
     // SAFETY: clone3 without CLONE_VM or a stack behaves like fork: the child gets a copy of this
     // thread's memory and only ever runs `child`, which never returns. `args` and `pidfd` live
     // across the call.
@@ -87,6 +90,10 @@ pub(crate) fn clone_init(
             std::mem::size_of::<libc::clone_args>(),
         )
     };
+    if ret != 0 {
+        // The parent (or a failed clone): back to host root before anything else.
+        drop(as_owner);
+    }
     match ret {
         -1 => Err(Error::Clone(std::io::Error::last_os_error())),
         // SAFETY: this is the freshly cloned, single-threaded child.
@@ -98,6 +105,60 @@ pub(crate) fn clone_init(
         }),
     }
 }
+
+/// This thread, and only this thread, acting with effective uid `owner` (its capabilities kept):
+/// the kernel makes the effective uid of the thread that creates a user namespace its owner,
+/// and charges per-user counts made inside it (inotify instances and watches, pending signals,
+/// message queues) to the owner too. Owned by root, every sandbox would share those budgets with
+/// host root and with each other; owned by a uid of its own, it cannot exhaust anyone else's.
+///
+/// Credentials are per thread in Linux; glibc's `setresuid` would change every thread of the
+/// server, so this uses the raw system calls, and `SECBIT_NO_SETUID_FIXUP` so that the thread
+/// keeps its capabilities (to clone into the cgroup and create namespaces) while its effective
+/// uid is not 0. The child's securebits are reset by the kernel in its new user namespace.
+struct AsOwner {
+    securebits: libc::c_int,
+}
+
+impl AsOwner {
+    fn enter(owner: u32) -> std::io::Result<AsOwner> {
+        // SAFETY: prctl and setresuid change this thread's credentials only; no memory is
+        // passed.
+        unsafe {
+            let securebits = libc::prctl(libc::PR_GET_SECUREBITS);
+            if securebits < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let keep = securebits | SECBIT_NO_SETUID_FIXUP;
+            if libc::prctl(libc::PR_SET_SECUREBITS, keep as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let guard = AsOwner { securebits };
+            if libc::syscall(libc::SYS_setresuid, u32::MAX, owner, u32::MAX) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(guard)
+        }
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`. The real and saved uids stayed 0, so returning to an effective
+        // uid of 0 is always allowed; a failure would leave this thread unable to start
+        // sandboxes, which is worse than stopping.
+        unsafe {
+            if libc::syscall(libc::SYS_setresuid, u32::MAX, 0, u32::MAX) != 0
+                || libc::prctl(libc::PR_SET_SECUREBITS, self.securebits as libc::c_ulong) != 0
+            {
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// From linux/securebits.h.
+const SECBIT_NO_SETUID_FIXUP: libc::c_int = 1 << 2;
 
 /// Reaps the cloned child `pid` if it has exited; with `block`, waits until it has.
 pub(crate) fn reap(pid: i32, block: bool) -> std::io::Result<Option<ExitStatus>> {
