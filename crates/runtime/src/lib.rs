@@ -98,6 +98,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the sandbox's envd answers `GET /ping`.
     fn probe<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool>;
 
+    /// Whether the sandbox's PID 1 (envd) is still running, as this server knows without asking
+    /// it (from the pidfd of a sandbox it started); `None` for one it did not start.
+    fn running(&self, id: &str) -> Option<bool>;
+
     /// Resolves once the sandbox has died on its own (or is gone); works for sandboxes a
     /// previous run of the server started.
     fn wait_exit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;

@@ -172,6 +172,12 @@ impl Backend for Namespaces {
         Box::pin(self.inner.wait_exit(id))
     }
 
+    fn running(&self, id: &str) -> Option<bool> {
+        let exit = self.inner.children().get(id).cloned()?;
+        let exited = exit.borrow().is_some();
+        Some(!exited)
+    }
+
     fn socket_path(&self, id: &str) -> PathBuf {
         self.inner.socket_path(id)
     }

@@ -53,8 +53,9 @@ impl Pool {
         self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A ready sandbox of exactly this `environment` (version) whose envd still answers, if the
-    /// pool has one.
+    /// A ready sandbox of exactly this `environment` (version) whose envd still runs, if the
+    /// pool has one. The pidfd the runtime watches says so at no cost; envd answered its first
+    /// ping when the sandbox was started, and a sandbox the runtime did not start is pinged.
     pub(crate) async fn take(
         &self,
         environment: &Arc<Environment>,
@@ -65,7 +66,10 @@ impl Pool {
             let (sandbox, made_from) = self.ready().get_mut(&environment.name)?.pop()?;
             if !Arc::ptr_eq(&made_from, environment) {
                 tracing::info!(sandbox = %sandbox.id, "pooled sandbox is of an older environment version; discarding it");
-            } else if backend.probe(&sandbox.id).await {
+            } else if match backend.running(&sandbox.id) {
+                Some(running) => running,
+                None => backend.probe(&sandbox.id).await,
+            } {
                 return Some(sandbox);
             } else {
                 tracing::warn!(sandbox = %sandbox.id, "pooled sandbox died; discarding it");
