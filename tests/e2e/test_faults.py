@@ -27,6 +27,8 @@ from burrow_harness import (
     assert_error,
     host_cgroup_dirs,
     host_pids,
+    namespace_init,
+    proc_status,
     wait_until,
 )
 
@@ -224,6 +226,25 @@ def test_adopted_sandbox_death_is_noticed(new_server):
     assert {a["sessionID"], b["sessionID"]} <= srv.session_ids(key), "sessions not adopted"
     _kill_envd_and_check(srv, key, a, b)
     _check_host_matches(srv, b["clientID"], {b["sessionID"]})
+
+
+def test_a_dead_pooled_sandbox_is_never_handed_out(new_server):
+    """The pool hands out a sandbox only while its PID 1 (envd) runs: one killed while waiting in
+    the pool is replaced, and the create that would have taken it gets a working session."""
+    srv = new_server(ttl="60s", pool_size=1, extra_args=["--pool-environments", "Bash"])
+    key = srv.create_key("team-pool-death")
+    first = srv.create_session(key)
+    node = first["clientID"]
+    wait_until(lambda: "burrow_pool_ready{environment=\"Bash\"} 1" in srv.request("GET", "/metrics").text,
+               30, what="the pool to refill")
+    taken = namespace_init(srv.envd_pid(first))
+    pooled = [pid for pid, sandbox in _node_processes(node).items()
+              if pid != taken and proc_status(pid).get("NSpid", "").split()[-1:] == ["1"]]
+    assert len(pooled) == 1, pooled
+    os.kill(pooled[0], signal.SIGKILL)
+    second = srv.create_session(key)
+    with srv.envd(second) as envd:
+        assert envd.run("echo ok")[0] == ["ok"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,8 +68,17 @@ struct Inner {
     /// `<data>/stage`: where each sandbox mounts its tmpfs, in its own mount namespace.
     stage: PathBuf,
     cgroups: Cgroups,
-    /// Exit status of each sandbox this process started, once its init has died.
-    children: Mutex<HashMap<String, watch::Receiver<Option<ExitStatus>>>>,
+    /// Each sandbox this process started.
+    children: Mutex<HashMap<String, Own>>,
+}
+
+/// A sandbox this process started.
+#[derive(Clone)]
+struct Own {
+    /// Its init's pid (not reaped before `exit` has the status, so never reused until then).
+    pid: i32,
+    /// The init's exit status, once it has died.
+    exit: watch::Receiver<Option<ExitStatus>>,
 }
 
 impl Namespaces {
@@ -131,7 +140,7 @@ impl Namespaces {
     /// The exit status of the init (envd, or the command of [`Namespaces::spawn_command`]) of
     /// a sandbox this process started, once it has exited; `None` for other sandboxes.
     pub async fn wait_status(&self, id: &str) -> Option<ExitStatus> {
-        let mut exit = self.inner.children().get(id).cloned()?;
+        let mut exit = self.inner.children().get(id).cloned()?.exit;
         exit.wait_for(Option::is_some)
             .await
             .ok()
@@ -173,9 +182,12 @@ impl Backend for Namespaces {
     }
 
     fn running(&self, id: &str) -> Option<bool> {
-        let exit = self.inner.children().get(id).cloned()?;
-        let exited = exit.borrow().is_some();
-        Some(!exited)
+        let own = self.inner.children().get(id).cloned()?;
+        if own.exit.borrow().is_some() {
+            return Some(false);
+        }
+        // Asked of the kernel too: the watcher may not have seen a death that just happened.
+        Some(!spawn::has_exited(own.pid))
     }
 
     fn socket_path(&self, id: &str) -> PathBuf {
@@ -188,9 +200,7 @@ impl Backend for Namespaces {
 }
 
 impl Inner {
-    fn children(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<Option<ExitStatus>>>> {
+    fn children(&self) -> std::sync::MutexGuard<'_, HashMap<String, Own>> {
         self.children.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -256,8 +266,15 @@ impl Inner {
             inner: Arc::clone(self),
             id: Some(id.clone()),
         };
+        let pid = child.pid;
         let exit = watch_exit(child)?;
-        self.children().insert(id.clone(), exit.clone());
+        self.children().insert(
+            id.clone(),
+            Own {
+                pid,
+                exit: exit.clone(),
+            },
+        );
         let sandbox = Sandbox {
             socket: self.socket_path(&id),
             id,
@@ -511,7 +528,7 @@ impl Inner {
                 .await?;
         }
         // An init of ours is reaped by its watcher; wait for it so that no zombie outlives this.
-        let exit = self.children().remove(id);
+        let exit = self.children().remove(id).map(|own| own.exit);
         if let Some(mut exit) = exit {
             let _ = tokio::time::timeout(KILL_TIMEOUT, exit.wait_for(Option::is_some)).await;
         }
@@ -557,7 +574,7 @@ impl Inner {
         if !valid_sandbox_id(id) {
             return;
         }
-        let own = self.children().get(id).cloned();
+        let own = self.children().get(id).cloned().map(|own| own.exit);
         if let Some(mut exit) = own {
             let _ = exit.wait_for(Option::is_some).await;
             return;

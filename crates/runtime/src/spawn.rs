@@ -173,6 +173,23 @@ pub(crate) fn reap(pid: i32, block: bool) -> std::io::Result<Option<ExitStatus>>
     }
 }
 
+/// Whether the cloned child `pid` has exited (without reaping it: its watcher does that).
+pub(crate) fn has_exited(pid: i32) -> bool {
+    // SAFETY: waitid writes into a zeroed local siginfo_t. WNOWAIT leaves the child to be reaped
+    // by its watcher, so the pid stays this process's child, never reused.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let done = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        // Reaped already (ECHILD) counts as exited; a live child leaves si_pid 0.
+        done != 0 || info.si_pid() != 0
+    }
+}
+
 /// Kills and reaps a cloned child given up on; returns how it ended.
 pub(crate) fn kill(pid: i32) -> Option<ExitStatus> {
     // SAFETY: plain kill(2) of this process's unreaped child (so the pid is still its).
