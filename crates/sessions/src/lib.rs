@@ -663,24 +663,7 @@ impl Sessions {
     /// reported as not found, so IDs of other teams cannot be probed.
     pub async fn delete(&self, id: &str, principal: &Principal) -> Result<(), Error> {
         let owned = |l: &Live| principal.admin || l.team_id == principal.team_id;
-        let edit = match self.live().get(id) {
-            Some(l) if owned(l) => l.edit_enabled.then(|| (l.team_id, l.environment.clone())),
-            _ => return Err(Error::NotFound(id.to_string())),
-        };
-        let _saving = match &edit {
-            Some((team_id, environment)) => {
-                Some(self.saving(*team_id, environment).lock_owned().await)
-            }
-            None => None,
-        };
-        let removed = {
-            let mut live = self.live();
-            match live.get(id) {
-                Some(l) if owned(l) => live.remove(id),
-                _ => None,
-            }
-        };
-        let Some(session) = removed else {
+        let Some((session, _saving)) = self.leave_live(id, owned).await else {
             return Err(Error::NotFound(id.to_string()));
         };
         let ended = self.end(id, session).await;
@@ -705,31 +688,41 @@ impl Sessions {
         out
     }
 
+    /// Takes session `id` out of `live` if `applies` to it; an edit session takes its
+    /// environment's `saving` lock first, which the caller holds until the session has ended.
+    async fn leave_live(
+        &self,
+        id: &str,
+        applies: impl Fn(&Live) -> bool,
+    ) -> Option<(Live, Option<tokio::sync::OwnedMutexGuard<()>>)> {
+        let edit = match self.live().get(id) {
+            Some(l) if applies(l) => l.edit_enabled.then(|| (l.team_id, l.environment.clone())),
+            _ => return None,
+        };
+        let saving = match edit {
+            Some((team_id, environment)) => {
+                Some(self.saving(team_id, &environment).lock_owned().await)
+            }
+            None => None,
+        };
+        let mut live = self.live();
+        match live.get(id) {
+            Some(l) if applies(l) => live.remove(id).map(|session| (session, saving)),
+            _ => None,
+        }
+    }
+
     async fn expire_loop(self) {
+        let due_now = |l: &Live| l.deadline <= Instant::now();
         loop {
             let due = self.inner.timers.next_due().await;
-            let edit = match self.live().get(&due) {
-                Some(l) if l.deadline <= Instant::now() => {
-                    l.edit_enabled.then(|| (l.team_id, l.environment.clone()))
-                }
-                _ => continue,
-            };
+            // Most entries are stale (a refresh pushed a later one): skip them here.
+            if !self.live().get(&due).is_some_and(due_now) {
+                continue;
+            }
             let this = self.clone();
             tokio::spawn(async move {
-                let _saving = match &edit {
-                    Some((team_id, environment)) => {
-                        Some(this.saving(*team_id, environment).lock_owned().await)
-                    }
-                    None => None,
-                };
-                let expired = {
-                    let mut live = this.live();
-                    match live.get(&due) {
-                        Some(l) if l.deadline <= Instant::now() => live.remove(&due),
-                        _ => None,
-                    }
-                };
-                if let Some(session) = expired {
+                if let Some((session, _saving)) = this.leave_live(&due, due_now).await {
                     tracing::info!(session = %due, "session expired");
                     this.inner.metrics.expiries.inc();
                     // A failed save is logged and counted by `end`; nobody waits for it here.
