@@ -18,12 +18,34 @@ use super::*;
 
 const LIMIT: Duration = Duration::from_millis(300);
 
-/// A socket path of its own for each test.
-fn socket(name: &str) -> PathBuf {
+/// A socket path of its own for each test, in a directory removed with it.
+struct Socket {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Socket {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn socket(name: &str) -> Socket {
     let dir = std::env::temp_dir().join(format!("burrow-gateway-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join("envd.sock")
+    Socket {
+        path: dir.join("envd.sock"),
+        dir,
+    }
 }
 
 fn gateway(connections_per_session: usize) -> Gateway {
@@ -106,7 +128,7 @@ async fn a_session_over_its_cap_gets_429_and_others_do_not() {
     let gateway = Arc::new(gateway(2));
     let waiting: Vec<_> = (0..2)
         .map(|_| {
-            let (gateway, path) = (gateway.clone(), path.clone());
+            let (gateway, path) = (gateway.clone(), path.to_path_buf());
             tokio::spawn(async move { gateway.proxy(get("/ws"), "s1", &path, ENVD_PORT).await })
         })
         .collect();
@@ -154,7 +176,7 @@ fn upload(pieces: mpsc::Receiver<Bytes>) -> Request {
 async fn a_slow_upload_is_not_cut_off() {
     let path = socket("slow");
     // An envd that answers with the body's length once it has all of it.
-    let listener = UnixListener::bind(&path).unwrap();
+    let listener = UnixListener::bind(&*path).unwrap();
     tokio::spawn(async move {
         let (conn, _) = listener.accept().await.unwrap();
         let service =
@@ -186,7 +208,7 @@ async fn a_slow_upload_is_not_cut_off() {
 async fn an_envd_that_stops_reading_an_upload_gets_504() {
     let path = socket("stuck");
     // An envd that reads the request head and a little more, then nothing.
-    let listener = UnixListener::bind(&path).unwrap();
+    let listener = UnixListener::bind(&*path).unwrap();
     tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut buf = vec![0u8; 64 * 1024];
