@@ -160,10 +160,27 @@ impl Store {
 mod tests {
     use super::*;
 
-    pub(crate) fn temp_store() -> (Store, std::path::PathBuf) {
+    /// A directory removed when this is dropped.
+    pub(crate) struct TempDir(std::path::PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub(crate) fn temp_store() -> (Store, TempDir) {
         let dir = std::env::temp_dir().join(format!("burrow-store-{}", keys::random_alnum(12)));
         std::fs::create_dir_all(&dir).unwrap();
-        (Store::open(&dir.join("burrow.db")).unwrap(), dir)
+        (Store::open(&dir.join("burrow.db")).unwrap(), TempDir(dir))
     }
 
     #[test]
