@@ -19,6 +19,14 @@ async fn ids_keep_their_json_type_and_void_results_are_null() {
         assert_eq!(response["jsonrpc"], "2.0");
         assert_eq!(response.get("result"), Some(&Value::Null), "{response}");
     }
+    // A float id comes back as the same number (std's parse is correctly rounded).
+    let id = "9.666666666666667e+32";
+    rpc.send_text(&format!(
+        r#"{{"jsonrpc":"2.0","method":"filesystem_makeDir","params":["{dir}"],"id":{id}}}"#
+    ))
+    .await;
+    let response = rpc.response().await;
+    assert_eq!(response["id"].as_f64(), Some(id.parse::<f64>().unwrap()));
 }
 
 #[tokio::test]
