@@ -1,8 +1,8 @@
 //! The warm pool: sandboxes started ahead of demand, per available environment, so that
 //! `POST /sessions` only has to hand one out. One background task refills it, one sandbox at a
 //! time, so the pool never competes with requests for more than one start at once, and only
-//! once creates pause: a burst of creates (each taking a sandbox and starting its first
-//! command) gets the CPU, and the pool refills behind it. A sandbox
+//! once creates pause: a burst of creates (each taking a sandbox, its client then connecting and
+//! starting a first command) gets the CPU, and the pool refills behind it. A sandbox
 //! is only handed out for the environment version it was started from: after a new image
 //! version becomes current, the filler replaces the pooled sandboxes of the old one.
 
@@ -18,8 +18,9 @@ use crate::Sessions;
 
 /// How often the filler looks for new environment versions without being woken.
 const RECHECK: Duration = Duration::from_secs(5);
-/// A refill waits until no sandbox was taken for this long...
-const QUIET: Duration = Duration::from_millis(50);
+/// A refill waits until no sandbox was taken for this long (the clients of a burst of creates
+/// connect and start their first commands right after it)...
+const QUIET: Duration = Duration::from_millis(250);
 /// ...but never longer than this, so that steady traffic still gets a pool.
 const MAX_DEFER: Duration = Duration::from_secs(1);
 
