@@ -201,16 +201,21 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "measurement", "p50", "p99", "n"
     );
     let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    // Each section starts on a quiet machine: the one before leaves sandboxes being torn down.
     if wanted(Section::Baseline) {
+        settle().await?;
         baseline(&args).await?;
     }
     if wanted(Section::NoPool) {
+        settle().await?;
         no_pool(&args).await?;
     }
     if wanted(Section::Idle) {
+        settle().await?;
         idle(&args).await?;
     }
     if wanted(Section::Pool) {
+        settle().await?;
         pool(&args).await?;
     }
     if wanted(Section::Burst) {

@@ -57,6 +57,7 @@ fn envd_config(config: InitConfig) -> burrow_envd::Config {
         user: config.user.name,
         home: config.user.home,
         workdir: config.workdir,
+        ready_shell: config.ready_shell,
         shell: config.user.shell,
         env: config.env,
     }
@@ -97,6 +98,7 @@ async fn run_in_sandbox(args: RunArgs) -> anyhow::Result<i32> {
             cpu_weight: args.cpu_weight.unwrap_or(defaults.cpu_weight),
             disk_bytes: args.disk.unwrap_or(defaults.disk_bytes),
         },
+        ready_shell: false,
     };
     // A node id of its own, so a server sharing the data dir never adopts or sweeps it.
     let node_id = format!("run{}", std::process::id());

@@ -254,6 +254,7 @@ mod tests {
             user: "user".into(),
             home: "/home/user".into(),
             workdir: "/home/user".into(),
+            ready_shell: false,
             shell: "/bin/bash".into(),
             env: vec![("PATH".into(), "/bin".into())],
         };

@@ -1,7 +1,8 @@
 //! The sandbox's first command, started ahead of time. A fresh sandbox's first `process_start`
 //! is what a client waits for before anything else happens (time to interactive), and most of
 //! its cost is the login shell starting: exec, dynamic linking, the profile scripts. So envd
-//! starts that shell when it starts, as `$SHELL -l -c BOOTSTRAP` with the environment, user,
+//! starts that shell once it has answered its first `/ping` (the server's sign that the sandbox
+//! is up, so the start does not delay it), as `$SHELL -l -c BOOTSTRAP` with the environment, user,
 //! session and working directory a first command without variables or directory would get; the
 //! shell runs its profile and then waits to read the command from fd 3. The first such command
 //! is handed to it; it runs exactly as under `$SHELL -l -c CMD`, minus the wait.
@@ -36,7 +37,17 @@ const COMMAND_FD: i32 = 3;
 
 #[derive(Default)]
 pub(crate) struct FirstShell {
-    ready: Mutex<Option<Ready>>,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+enum Slot {
+    /// Not started yet.
+    #[default]
+    Waiting,
+    Ready(Ready),
+    /// Used, discarded, or failed to start: the first command starts as every other does.
+    Gone,
 }
 
 struct Ready {
@@ -46,25 +57,36 @@ struct Ready {
 }
 
 impl FirstShell {
-    /// Starts the waiting shell; on failure there is simply none (the first command then starts
-    /// as every other does).
-    pub(crate) fn start(config: &Config) -> FirstShell {
-        let ready = if config.shell.file_name().is_some_and(|name| name == "bash") {
-            spawn(config)
-                .inspect_err(|e| tracing::debug!("no first shell started ahead: {e}"))
-                .ok()
-        } else {
-            None
+    /// Starts the waiting shell, unless it was started, or something already happened that it
+    /// would miss; on failure there is simply none.
+    pub(crate) fn start(&self, config: &Config) {
+        let mut slot = lock(&self.slot);
+        if !matches!(*slot, Slot::Waiting) {
+            return;
+        }
+        *slot = match config.shell.file_name().is_some_and(|name| name == "bash") {
+            true => match spawn(config) {
+                Ok(ready) => Slot::Ready(ready),
+                Err(e) => {
+                    tracing::debug!("no first shell started ahead: {e}");
+                    Slot::Gone
+                }
+            },
+            false => Slot::Gone,
         };
-        FirstShell {
-            ready: Mutex::new(ready),
+    }
+
+    fn take(&self) -> Option<Ready> {
+        match std::mem::replace(&mut *lock(&self.slot), Slot::Gone) {
+            Slot::Ready(ready) => Some(ready),
+            Slot::Waiting | Slot::Gone => None,
         }
     }
 
     /// Hands `cmd` to the waiting shell, if there still is one and it is alive; returns it as
     /// the running command, with its exit code to come.
     pub(crate) fn claim(&self, cmd: &str) -> Option<(Child, oneshot::Receiver<i32>)> {
-        let mut ready = lock(&self.ready).take()?;
+        let mut ready = self.take()?;
         if cmd.len() > MAX_COMMAND
             || cmd.contains('\0')
             || !matches!(
@@ -89,7 +111,7 @@ impl FirstShell {
 
     /// Something changed that the waiting shell's profile may have read: it is not used.
     pub(crate) fn discard(&self) {
-        if let Some(ready) = lock(&self.ready).take() {
+        if let Some(ready) = self.take() {
             kill(&ready.child);
         }
     }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State as Shared};
 use axum::routing::get;
 
 /// Who envd runs processes and terminals as, and the environment they start from.
@@ -48,6 +48,9 @@ pub struct Config {
     /// Where processes and terminals start when the request names no directory (the
     /// environment definition's `workdir`; the home in built-in environments).
     pub workdir: PathBuf,
+    /// Start the first command's login shell once the first `/ping` is answered (a pooled
+    /// sandbox, whose client comes later; see `first_shell.rs`).
+    pub ready_shell: bool,
     /// The login shell used as `$SHELL -l -c CMD` for processes and `$SHELL -i -l` for terminals.
     pub shell: PathBuf,
     /// Base environment every process and terminal starts from (PATH, LANG, ...), before
@@ -92,7 +95,7 @@ pub(crate) struct State {
 impl State {
     fn new(config: Config) -> Self {
         Self {
-            first_shell: first_shell::FirstShell::start(&config),
+            first_shell: first_shell::FirstShell::default(),
             config,
             hub: hub::Hub::default(),
             processes: process::Processes::default(),
@@ -116,9 +119,17 @@ impl State {
     }
 }
 
+/// The server's readiness probe. Once it has been answered, the sandbox's first shell starts.
+async fn ping(Shared(state): Shared<Arc<State>>) -> &'static str {
+    if state.config.ready_shell {
+        tokio::spawn(async move { state.first_shell.start(&state.config) });
+    }
+    "pong"
+}
+
 fn router(state: Arc<State>) -> Router {
     Router::new()
-        .route("/ping", get(|| async { "pong" }))
+        .route("/ping", get(ping))
         .route("/ws", get(connection::upgrade))
         .route(
             "/file",

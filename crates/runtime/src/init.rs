@@ -62,6 +62,9 @@ pub struct InitConfig {
     pub env: Vec<(String, String)>,
     /// Where the user's commands start.
     pub workdir: PathBuf,
+    /// envd starts the first command's login shell ahead (see `SandboxSpec::ready_shell`).
+    #[serde(default)]
+    pub ready_shell: bool,
     /// Run this command instead of envd (`burrow sandbox-run`).
     pub exec: Option<Exec>,
 }
@@ -829,6 +832,7 @@ mod tests {
             },
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             workdir: "/home/user".into(),
+            ready_shell: false,
             exec: Some(Exec {
                 argv: vec!["id".into(), "-u".into()],
                 as_root: false,

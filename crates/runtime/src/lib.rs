@@ -80,6 +80,10 @@ pub struct Sandbox {
 pub struct SandboxSpec {
     pub environment: Arc<Environment>,
     pub limits: Limits,
+    /// Start the login shell of the sandbox's first command ahead of it, for a sandbox that
+    /// will wait (in the warm pool) before its client arrives: that client's first command then
+    /// skips the shell's start. A sandbox whose client is already waiting gains nothing by it.
+    pub ready_shell: bool,
 }
 
 /// A way of running sandboxes. [`Namespaces`] is the one there is.

@@ -245,6 +245,7 @@ impl Inner {
             user: environment.user.clone(),
             env: environment.env.clone(),
             workdir: environment.workdir.clone(),
+            ready_shell: spec.ready_shell,
             exec,
         };
         // Taken before the clone: the sandbox holds it from its start to its end.

@@ -47,6 +47,7 @@ impl Fixture {
         SandboxSpec {
             environment: self.catalog.get("Bash").unwrap(),
             limits: Limits::default(),
+            ready_shell: false,
         }
     }
 }

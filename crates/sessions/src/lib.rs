@@ -548,6 +548,7 @@ impl Sessions {
                 let spec = SandboxSpec {
                     limits: self.inner.config.limits_for(&env.name),
                     environment: env.clone(),
+                    ready_shell: false,
                 };
                 self.inner
                     .backend

@@ -175,6 +175,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                     let spec = SandboxSpec {
                         environment: env.clone(),
                         limits: inner.config.limits_for(&env.name),
+                        ready_shell: true,
                     };
                     match inner.backend.create(&spec).await {
                         Ok(sandbox) if !inner.pool.draining.load(Ordering::SeqCst) => inner

@@ -47,6 +47,7 @@ impl Envd {
             user: "user".to_owned(),
             home: JAIL_HOME.into(),
             workdir: JAIL_HOME.into(),
+            ready_shell: false,
             // Not bash, so envd starts no shell ahead of the first command; the jail has none.
             shell: "/bin/sh".into(),
             env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],

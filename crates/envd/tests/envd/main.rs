@@ -61,17 +61,26 @@ impl Sandbox {
             user: "user".to_owned(),
             home: home.clone(),
             workdir: workdir.clone(),
+            ready_shell: true,
             shell: "/bin/bash".into(),
             env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
         };
         let server = tokio::spawn(burrow_envd::serve(listener, config));
-        Self {
+        let sandbox = Self {
             root,
             home,
             workdir,
             socket,
             server,
-        }
+        };
+        // As the server does once it has started a sandbox (which starts envd's first shell).
+        let ping = Request::get("/ping")
+            .header("host", "envd")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (response, body) = sandbox.http(ping).await;
+        assert_eq!((response.status().as_u16(), &body[..]), (200, &b"pong"[..]));
+        sandbox
     }
 
     /// A path inside the home directory, as a string for JSON.

@@ -267,12 +267,21 @@ async fn the_first_command_runs_like_every_other() {
     let sandbox = Sandbox::start_with_home(|home| {
         std::fs::write(
             home.join(".profile"),
-            "export FROM_PROFILE=yes\necho profile-says-hi\n",
+            "export FROM_PROFILE=yes\necho profile-says-hi\ndate +%s%N >> ~/.profile-ran\n",
         )
         .unwrap();
     })
     .await;
     let mut rpc = sandbox.rpc().await;
+    // The first shell starts once envd has answered its first ping: let it get ready.
+    eventually("the first shell to read its profile", || {
+        std::fs::read_to_string(sandbox.home.join(".profile-ran")).is_ok_and(|t| t.ends_with('\n'))
+    })
+    .await;
+    let before_first = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let probe = r#"echo "$0|$-|$#|$PWD|$FROM_PROFILE|${BURROW_COMMAND-unset}"; shopt -q login_shell && echo login; ls /proc/$$/fd/3 2>/dev/null || echo no-fd-3; read -r line; echo "stdin:$line"; exit 7"#;
     let mut outputs = Vec::new();
     for id in ["first", "second"] {
@@ -284,6 +293,18 @@ async fn the_first_command_runs_like_every_other() {
         outputs.push((run.stdout, run.stderr));
     }
     assert_eq!(outputs[0], outputs[1], "the first command ran differently");
+    // The first command's profile ran before it was asked for (the shell was started ahead);
+    // the second's after.
+    let ran: Vec<u128> = std::fs::read_to_string(sandbox.home.join(".profile-ran"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(ran.len(), 2, "{ran:?}");
+    assert!(
+        ran[0] < before_first && ran[1] > before_first,
+        "{ran:?} vs {before_first}"
+    );
     let workdir = sandbox.workdir.display().to_string();
     assert_eq!(
         outputs[0].0,
