@@ -242,6 +242,10 @@ def test_a_dead_pooled_sandbox_is_never_handed_out(new_server):
               if pid != taken and proc_status(pid).get("NSpid", "").split()[-1:] == ["1"]]
     assert len(pooled) == 1, pooled
     os.kill(pooled[0], signal.SIGKILL)
+    # Dead, not dying: a process killed a moment before may still run when the pool looks (and
+    # could as well die a moment after it was handed out, which no check can prevent).
+    wait_until(lambda: proc_status(pooled[0]).get("State", "Z").strip().startswith("Z"), 5,
+               what="the pooled sandbox's envd to die")
     second = srv.create_session(key)
     with srv.envd(second) as envd:
         assert envd.run("echo ok")[0] == ["ok"]
