@@ -119,7 +119,7 @@ struct Inner {
     pending: Mutex<HashMap<i64, usize>>,
     /// Serialises edit-session creation so one (team, environment) never gets two.
     edit_create: tokio::sync::Mutex<()>,
-    /// Per (team, environment): held while an edit session of it ends and its changes are
+    /// Per (team, custom environment): held while an edit session of it ends and its changes are
     /// saved, and waited for by every create of it, so a session created after an edit session
     /// ended starts from what it saved and two edit sessions never overlap.
     saving: Mutex<HashMap<(i64, String), SaveLock>>,
@@ -356,12 +356,13 @@ impl Sessions {
     /// A built-in environment by name, or a custom environment of the principal's team by ID
     /// (its saved edits if it has any, else its template's root); other teams' custom IDs are
     /// simply unknown.
+    /// `custom` is the team's custom environment called `name`, if there is one.
     async fn environment(
         &self,
-        principal: &Principal,
         name: &str,
+        custom: Option<CustomEnvironment>,
     ) -> Result<Arc<Environment>, Error> {
-        let Some(custom) = self.inner.store.environment(principal.team_id, name)? else {
+        let Some(custom) = custom else {
             return self.builtin(name);
         };
         if custom.state != EnvironmentState::Done {
@@ -506,14 +507,24 @@ impl Sessions {
         environment: &str,
         edit_enabled: bool,
     ) -> Result<SessionInfo, Error> {
-        // Waits for an edit session of this environment that is being saved; an edit session
-        // keeps the lock until it is live, so that no other one can start from an older root.
-        let saving = self
-            .saving(principal.team_id, environment)
-            .lock_owned()
-            .await;
-        let _saving = edit_enabled.then_some(saving);
-        let env = self.environment(principal, environment).await?;
+        let custom = self
+            .inner
+            .store
+            .environment(principal.team_id, environment)?;
+        // Only a custom environment saves edits. A create of one waits for an edit session of
+        // it that is being saved; an edit session keeps the lock until it is live, so that no
+        // other one can start from an older root.
+        let _saving = match &custom {
+            Some(_) => {
+                let saving = self
+                    .saving(principal.team_id, environment)
+                    .lock_owned()
+                    .await;
+                edit_enabled.then_some(saving)
+            }
+            None => None,
+        };
+        let env = self.environment(environment, custom).await?;
         let _edit_guard = if edit_enabled {
             let guard = self.inner.edit_create.lock().await;
             let existing = {
@@ -689,8 +700,9 @@ impl Sessions {
         out
     }
 
-    /// Takes session `id` out of `live` if `applies` to it; an edit session takes its
-    /// environment's `saving` lock first, which the caller holds until the session has ended.
+    /// Takes session `id` out of `live` if `applies` to it; an edit session of a custom
+    /// environment takes the environment's `saving` lock first, which the caller holds until the
+    /// session has ended (and its edits are saved).
     async fn leave_live(
         &self,
         id: &str,
@@ -700,7 +712,14 @@ impl Sessions {
             Some(l) if applies(l) => l.edit_enabled.then(|| (l.team_id, l.environment.clone())),
             _ => return None,
         };
-        let saving = match edit {
+        let saves = |(team_id, environment): &(i64, String)| {
+            // A store error here shows again, and is reported, when the edits are saved.
+            matches!(
+                self.inner.store.environment(*team_id, environment),
+                Ok(Some(_))
+            )
+        };
+        let saving = match edit.filter(saves) {
             Some((team_id, environment)) => {
                 Some(self.saving(team_id, &environment).lock_owned().await)
             }
