@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use burrow_client::{Client, Session};
 
-use crate::child_server::{ChildServer, proc_field};
+use crate::child_server::{ChildServer, percentile, proc_field};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -69,11 +69,7 @@ impl Samples {
     }
 
     fn pct(&self, p: usize) -> Duration {
-        let n = self.0.len();
-        if n == 0 {
-            return Duration::ZERO;
-        }
-        self.0[(n * p / 100).min(n - 1)]
+        percentile(&self.0, p)
     }
 }
 
@@ -200,26 +196,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "{:<52} {:>12} {:>12} {:>6}",
         "measurement", "p50", "p99", "n"
     );
-    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
-    // Each section starts on a quiet machine: the one before leaves sandboxes being torn down.
-    if wanted(Section::Baseline) {
+    for section in <Section as clap::ValueEnum>::value_variants() {
+        if !args.only.is_empty() && !args.only.contains(section) {
+            continue;
+        }
+        // Each section starts on a quiet machine: the one before leaves sandboxes being torn
+        // down. (The burst settles again before each of its bursts, after filling the pool.)
         settle().await?;
-        baseline(&args).await?;
-    }
-    if wanted(Section::NoPool) {
-        settle().await?;
-        no_pool(&args).await?;
-    }
-    if wanted(Section::Idle) {
-        settle().await?;
-        idle(&args).await?;
-    }
-    if wanted(Section::Pool) {
-        settle().await?;
-        pool(&args).await?;
-    }
-    if wanted(Section::Burst) {
-        pool_burst(&args).await?;
+        match section {
+            Section::Baseline => baseline(&args).await?,
+            Section::NoPool => no_pool(&args).await?,
+            Section::Idle => idle(&args).await?,
+            Section::Pool => pool(&args).await?,
+            Section::Burst => pool_burst(&args).await?,
+        }
     }
     Ok(())
 }

@@ -121,6 +121,14 @@ impl ChildServer {
     }
 }
 
+/// The `p`-th percentile of `sorted` (zero when there is no sample).
+pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n => sorted[(n * p / 100).min(n - 1)],
+    }
+}
+
 /// A `Key: 123 kB` (or `Key: 123`) field of a /proc file.
 pub fn proc_field(path: &str, key: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
-use crate::child_server::{ChildServer, proc_field};
+use crate::child_server::{ChildServer, percentile, proc_field};
 
 #[derive(clap::Args)]
 pub struct SoakArgs {
@@ -193,10 +193,7 @@ impl Stats {
 /// The p-th percentile of `samples` (sorted in place).
 fn pct(samples: &mut [Duration], p: usize) -> Duration {
     samples.sort_unstable();
-    match samples.len() {
-        0 => Duration::ZERO,
-        n => samples[(n * p / 100).min(n - 1)],
-    }
+    percentile(samples, p)
 }
 
 /// A failed operation; what failed was recorded and printed by [`Load::op`].

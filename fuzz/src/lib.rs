@@ -52,6 +52,39 @@ impl Drop for Scratch {
 /// The home directory of the envd targets, inside their jail.
 pub const JAIL_HOME: &str = "/home/user";
 
+/// What an envd target keeps between inputs: envd's router, on envd's kind of runtime, in a
+/// [`Jail`] named `name`.
+pub struct JailedEnvd {
+    pub runtime: tokio::runtime::Runtime,
+    pub router: axum::Router,
+    pub jail: Jail,
+}
+
+impl JailedEnvd {
+    pub fn start(name: &str) -> JailedEnvd {
+        let jail = Jail::enter(name).expect("the envd targets chroot themselves: run as root");
+        // The jail has no programs, and the targets start none (no ready shell either).
+        let config = burrow_envd::Config {
+            uid: 1000,
+            gid: 1000,
+            user: "user".to_owned(),
+            home: JAIL_HOME.into(),
+            workdir: JAIL_HOME.into(),
+            ready_shell: false,
+            shell: "/bin/sh".into(),
+            env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        };
+        let runtime = runtime();
+        // The router spawns nothing until it serves, but its parts expect a runtime around.
+        let router = runtime.block_on(async { burrow_envd::fuzzing::router(config) });
+        JailedEnvd {
+            runtime,
+            router,
+            jail,
+        }
+    }
+}
+
 /// A process confined with `chroot` to a fresh scratch directory: see [`Jail::enter`].
 pub struct Jail(());
 

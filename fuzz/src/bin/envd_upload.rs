@@ -20,43 +20,10 @@ use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
-use burrow_envd::Config;
-use burrow_fuzz::{JAIL_HOME, Jail, files_under};
+use burrow_fuzz::{JAIL_HOME, JailedEnvd, files_under};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-
-/// What a target process keeps between inputs.
-struct Envd {
-    runtime: tokio::runtime::Runtime,
-    router: axum::Router,
-    jail: Jail,
-}
-
-impl Envd {
-    fn start() -> Envd {
-        let jail =
-            Jail::enter("envd-upload").expect("the envd targets chroot themselves: run as root");
-        let config = Config {
-            uid: 1000,
-            gid: 1000,
-            user: "user".to_owned(),
-            home: JAIL_HOME.into(),
-            workdir: JAIL_HOME.into(),
-            ready_shell: false,
-            // Not bash, so envd starts no shell ahead of the first command; the jail has none.
-            shell: "/bin/sh".into(),
-            env: Vec::new(),
-        };
-        let runtime = burrow_fuzz::runtime();
-        let router = runtime.block_on(async { burrow_envd::fuzzing::router(config) });
-        Envd {
-            runtime,
-            router,
-            jail,
-        }
-    }
-}
 
 /// What the handler must make of a body, from the reference parse.
 enum Reference {
@@ -229,7 +196,7 @@ fn main() {
     // Built on the first input, in the process AFL forked (not in its fork server). A panic ends
     // the process (the hook aborts), so nothing sees the state after one: asserting unwind
     // safety is sound.
-    let mut envd = AssertUnwindSafe(None::<Envd>);
+    let mut envd = AssertUnwindSafe(None::<JailedEnvd>);
     afl::fuzz(true, move |data: &[u8]| {
         let Some((&size, rest)) = data.split_first() else {
             return;
@@ -246,7 +213,7 @@ fn main() {
         else {
             return;
         };
-        let envd = envd.get_or_insert_with(Envd::start);
+        let envd = envd.get_or_insert_with(|| JailedEnvd::start("envd-upload"));
         let body = Bytes::copy_from_slice(body);
         envd.runtime.block_on(upload(
             envd.router.clone(),

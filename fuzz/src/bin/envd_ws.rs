@@ -15,9 +15,8 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use burrow_envd::Config;
 use burrow_envd::fuzzing::{Parsed, parse};
-use burrow_fuzz::{JAIL_HOME, Jail};
+use burrow_fuzz::JailedEnvd;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -30,38 +29,6 @@ const MAX_MESSAGES: usize = 64;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// Methods that run programs.
 const NOT_SENT: &[&str] = &["process_start", "terminal_start"];
-
-/// What a target process keeps between inputs.
-struct Envd {
-    runtime: tokio::runtime::Runtime,
-    router: axum::Router,
-    jail: Jail,
-}
-
-impl Envd {
-    fn start() -> Envd {
-        let jail = Jail::enter("envd-ws").expect("the envd targets chroot themselves: run as root");
-        let config = Config {
-            uid: 1000,
-            gid: 1000,
-            user: "user".to_owned(),
-            home: JAIL_HOME.into(),
-            workdir: JAIL_HOME.into(),
-            ready_shell: false,
-            // Not bash, so envd starts no shell ahead of the first command; the jail has none.
-            shell: "/bin/sh".into(),
-            env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
-        };
-        let runtime = burrow_fuzz::runtime();
-        // The router spawns nothing until it serves, but its parts expect a runtime around.
-        let router = runtime.block_on(async { burrow_envd::fuzzing::router(config) });
-        Envd {
-            runtime,
-            router,
-            jail,
-        }
-    }
-}
 
 /// The answer a message must get.
 #[derive(Clone)]
@@ -247,9 +214,9 @@ fn main() {
     // Built on the first input, in the process AFL forked (not in its fork server). A panic ends
     // the process (the hook aborts), so nothing sees the state after one: asserting unwind
     // safety is sound.
-    let mut envd = AssertUnwindSafe(None::<Envd>);
+    let mut envd = AssertUnwindSafe(None::<JailedEnvd>);
     afl::fuzz(true, move |data: &[u8]| {
-        let envd = envd.get_or_insert_with(Envd::start);
+        let envd = envd.get_or_insert_with(|| JailedEnvd::start("envd-ws"));
         let messages: Vec<Outgoing> = data
             .split(|&b| b == b'\n')
             .filter(|line| !line.is_empty())
