@@ -109,10 +109,10 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
             client_id,
         } => {
             let span = tracing::info_span!("gateway", session = %session_id, port, %method, %path);
-            let socket = (client_id == app.sessions.client_id())
-                .then(|| app.sessions.socket(session_id))
+            let route = (client_id == app.sessions.client_id())
+                .then(|| app.sessions.route(session_id))
                 .flatten();
-            let Some(socket) = socket else {
+            let Some(route) = route else {
                 return ApiError::new(
                     StatusCode::NOT_FOUND,
                     format!("session '{session_id}' was not found on node '{client_id}'"),
@@ -120,7 +120,7 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
                 .into_response();
             };
             app.gateway
-                .proxy(req, session_id, &socket, port)
+                .proxy(req, session_id, &route.socket, port)
                 .instrument(span)
                 .await
         }

@@ -98,6 +98,15 @@ pub struct SessionInfo {
     pub edit_enabled: bool,
 }
 
+/// A live session as the gateway needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRoute {
+    /// envd's unix socket on the host.
+    pub socket: PathBuf,
+    /// The team that owns the session.
+    pub team_id: i64,
+}
+
 struct Live {
     team_id: i64,
     environment: String,
@@ -684,9 +693,12 @@ impl Sessions {
         ended
     }
 
-    /// envd's socket of a live session, for the gateway.
-    pub fn socket(&self, id: &str) -> Option<PathBuf> {
-        self.live().get(id).map(|l| l.sandbox.socket.clone())
+    /// Where the gateway sends a live session's traffic, and whose it is.
+    pub fn route(&self, id: &str) -> Option<SessionRoute> {
+        self.live().get(id).map(|l| SessionRoute {
+            socket: l.sandbox.socket.clone(),
+            team_id: l.team_id,
+        })
     }
 
     /// Live sessions per environment, for the metrics.
