@@ -179,9 +179,13 @@ def test_refresh_with_owner_key_is_204(server, team_key):
     assert server.refresh(sid, team_key).status == 204
 
 
-def test_refresh_with_another_teams_key_is_401(server, team_key, other_team_key):
+def test_refresh_with_another_teams_key_is_404_as_for_delete(server, team_key, other_team_key):
     sid = server.create_session(team_key)["sessionID"]
-    assert_error(server.refresh(sid, other_team_key), 401)
+    unknown = server.refresh(sid, other_team_key)
+    assert_error(unknown, 404)
+    # The same answer as for a session that does not exist, so IDs cannot be probed.
+    assert unknown.json()["message"] == server.refresh("a" * 20, other_team_key).json()["message"] \
+        .replace("a" * 20, sid)
     assert server.refresh(sid).status == 204, "a rejected refresh must not harm the session"
 
 
@@ -229,8 +233,8 @@ def test_teams_cannot_see_refresh_or_delete_each_others_sessions(server, team_ke
     seen_by_admin = server.session_ids(admin_key)
     assert {a, b} <= seen_by_admin, seen_by_admin
 
-    assert_error(server.refresh(a, other_team_key), 401)
-    assert_error(server.refresh(b, team_key), 401)
+    assert_error(server.refresh(a, other_team_key), 404)
+    assert_error(server.refresh(b, team_key), 404)
 
     assert_error(server.delete(a, other_team_key), 404)
     assert_error(server.delete(b, team_key), 404)

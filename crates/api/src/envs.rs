@@ -78,7 +78,7 @@ pub(crate) async fn list(
     key: Key,
 ) -> Result<Json<Vec<EnvironmentBody>>, ApiError> {
     let principal = app.require(key)?;
-    let envs = app.sessions.custom_environments(&principal)?;
+    let envs = app.sessions.custom_environments(&principal).await?;
     Ok(Json(envs.into_iter().map(Into::into).collect()))
 }
 

@@ -55,13 +55,13 @@ impl From<SessionError> for ApiError {
             }
             SessionError::InvalidEnvironmentId(_) => StatusCode::BAD_REQUEST,
             SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
-            SessionError::NotOwner(_) => StatusCode::UNAUTHORIZED,
             SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             SessionError::LowMemory { .. } => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::Sandbox(_)
             | SessionError::Store(_)
             | SessionError::Environment(_)
-            | SessionError::EditsLost { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            | SessionError::EditsLost { .. }
+            | SessionError::Teardown { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }

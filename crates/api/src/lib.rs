@@ -372,15 +372,17 @@ async fn delete_session(
     responses(
         (status = 204, description = "Refreshed"),
         (status = 400, description = "A session ID or X-API-Key header that is not text", body = error::ErrorBody),
-        (status = 401, description = "Invalid key, or not the owner's", body = error::ErrorBody),
-        (status = 404, description = "Unknown or expired session", body = error::ErrorBody)))]
+        (status = 401, description = "Invalid key", body = error::ErrorBody),
+        (status = 404, description = "Unknown or expired session, or another team's", body = error::ErrorBody)))]
 async fn refresh_session(
     State(app): Shared,
     key: Key,
     PathId(session_id): PathId,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.principal(key)?;
-    app.sessions.refresh(&session_id, principal.as_ref())?;
+    app.sessions
+        .refresh(&session_id, principal.as_ref())
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -24,11 +24,12 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl Sessions {
-    pub fn custom_environments(
+    pub async fn custom_environments(
         &self,
         principal: &Principal,
     ) -> Result<Vec<CustomEnvironment>, Error> {
-        Ok(self.inner.store.environments(principal.team_id)?)
+        let team_id = principal.team_id;
+        self.store(move |s| s.environments(team_id)).await
     }
 
     /// Creates a custom environment from a built-in `template`, with the given ID or a new one;
@@ -59,7 +60,8 @@ impl Sessions {
             state: EnvironmentState::Done,
             id,
         };
-        if !self.inner.store.put_environment(&env)? {
+        let put = env.clone();
+        if !self.store(move |s| s.put_environment(&put)).await? {
             return Err(Error::EnvironmentIdTaken(env.id));
         }
         if given {
@@ -74,10 +76,10 @@ impl Sessions {
         id: &str,
         update: EnvironmentUpdate,
     ) -> Result<(), Error> {
+        let (team_id, name) = (principal.team_id, id.to_string());
         let mut env = self
-            .inner
-            .store
-            .environment(principal.team_id, id)?
+            .store(move |s| s.environment(team_id, &name))
+            .await?
             .ok_or_else(|| Error::EnvironmentNotFound(id.to_string()))?;
         let mut forget = false;
         if let Some(template) = update.template {
@@ -91,7 +93,7 @@ impl Sessions {
         if let Some(state) = update.state {
             env.state = state;
         }
-        self.inner.store.put_environment(&env)?;
+        self.store(move |s| s.put_environment(&env)).await?;
         if forget {
             // Saved edits were made on the old template's root.
             self.forget_edits(principal.team_id, id).await?;
@@ -106,7 +108,11 @@ impl Sessions {
         principal: &Principal,
         id: &str,
     ) -> Result<(), Error> {
-        if !self.inner.store.delete_environment(principal.team_id, id)? {
+        let (team_id, name) = (principal.team_id, id.to_string());
+        if !self
+            .store(move |s| s.delete_environment(team_id, &name))
+            .await?
+        {
             return Err(Error::EnvironmentNotFound(id.to_string()));
         }
         self.forget_edits(principal.team_id, id).await
@@ -114,7 +120,7 @@ impl Sessions {
 
     /// Drops the saved edits of a team's environment, after any save in progress.
     async fn forget_edits(&self, team_id: i64, id: &str) -> Result<(), Error> {
-        let _saving = self.saving(team_id, id).lock_owned().await;
+        let _saving = self.inner.saving.lock(team_id, id).await;
         let snapshots = self.inner.catalog.snapshots(team_id);
         let id = id.to_string();
         tokio::task::spawn_blocking(move || snapshots.reset(&id))

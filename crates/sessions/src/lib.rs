@@ -8,21 +8,33 @@
 mod custom;
 mod metrics;
 mod pool;
+mod save_locks;
 mod timers;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use burrow_environments::{Catalog, Environment};
 use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
-use burrow_store::{CustomEnvironment, EnvironmentState, Principal, SessionRow, Store};
+use burrow_store::{CustomEnvironment, EditBase, EnvironmentState, Principal, SessionRow, Store};
+use futures_util::StreamExt;
 
 pub use custom::EnvironmentUpdate;
 pub use metrics::Metrics;
 use pool::Pool;
+use save_locks::SaveLocks;
 use timers::Timers;
+
+/// Sandboxes a restart probes at once: each probe may wait its whole timeout on a sandbox that
+/// does not answer, and the server listens only after all of them.
+const RECOVERY_PROBES: usize = 64;
+/// How often a destroy is tried before a delete reports that its sandbox is still there...
+const DESTROY_TRIES: u32 = 3;
+/// ...and how often, after that, it is tried again in the background until it succeeds.
+const DESTROY_RETRY: Duration = Duration::from_secs(5);
 
 /// How sessions behave on this node.
 #[derive(Debug, Clone)]
@@ -62,8 +74,6 @@ pub enum Error {
     InvalidEnvironmentId(String),
     #[error("environment ID {0:?} is taken; choose another, or POST /envs for a fresh one")]
     EnvironmentIdTaken(String),
-    #[error("this API key does not own session '{0}'")]
-    NotOwner(String),
     #[error("cannot create a session right now: {0}")]
     Sandbox(String),
     #[error(
@@ -87,6 +97,11 @@ pub enum Error {
     Environment(#[from] burrow_environments::Error),
     #[error("session '{session}' ended, but what it changed could not be saved: {reason}")]
     EditsLost { session: String, reason: String },
+    #[error(
+        "session '{session}' ended, but its sandbox could not be removed yet ({reason}); \
+         burrow keeps trying in the background"
+    )]
+    Teardown { session: String, reason: String },
 }
 
 /// A session as clients see it.
@@ -110,13 +125,14 @@ pub struct SessionRoute {
 struct Live {
     team_id: i64,
     environment: String,
+    /// The built-in environment it runs: metrics name this, never a team's custom ID.
+    template: String,
     edit_enabled: bool,
+    /// An edit session of a custom environment: the root it started from.
+    edit_base: Option<EditBase>,
     sandbox: Sandbox,
     deadline: Instant,
 }
-
-/// See [`Inner::saving`].
-type SaveLock = Arc<tokio::sync::Mutex<()>>;
 
 struct Inner {
     config: Config,
@@ -131,7 +147,7 @@ struct Inner {
     /// Per (team, custom environment): held while an edit session of it ends and its changes are
     /// saved, and waited for by every create of it, so a session created after an edit session
     /// ended starts from what it saved and two edit sessions never overlap.
-    saving: Mutex<HashMap<(i64, String), SaveLock>>,
+    saving: SaveLocks,
     timers: Timers,
     pool: Pool,
     metrics: Metrics,
@@ -224,9 +240,18 @@ impl Config {
     }
 }
 
+/// Runs `work` to its end on its own task, whatever happens to the caller: a request whose client
+/// goes away must not stop a sandbox's start or teardown halfway (a sandbox nobody owns, a
+/// session half-made, an edit session left frozen).
+async fn detached<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> T {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 impl Sessions {
-    /// Adopts what a previous run left (live sessions whose sandbox still answers), destroys the
-    /// rest, and starts the expiry timer and the pool.
+    /// Adopts what a previous run left (live sessions whose sandbox still answers), finishes the
+    /// ends that were under way, destroys the rest, and starts the expiry timer and the pool.
     pub async fn start(
         config: Config,
         store: Arc<Store>,
@@ -243,7 +268,7 @@ impl Sessions {
                 live: Mutex::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
                 edit_create: tokio::sync::Mutex::new(()),
-                saving: Mutex::new(HashMap::new()),
+                saving: SaveLocks::default(),
                 timers: Timers::default(),
                 metrics: Metrics::default(),
             }),
@@ -258,50 +283,126 @@ impl Sessions {
         self.inner.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> burrow_store::Result<T> + Send + 'static,
+    ) -> Result<T, Error> {
+        Ok(self.inner.store.call(f).await?)
+    }
+
     async fn recover(&self) -> Result<(), Error> {
         let inner = &self.inner;
-        let rows = inner.store.sessions()?;
+        let rows = self.store(Store::sessions).await?;
         let present: Vec<String> = inner.backend.list().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot list sandboxes left by a previous run");
             Vec::new()
         });
+        let (ending, rows): (Vec<SessionRow>, Vec<SessionRow>) =
+            rows.into_iter().partition(|r| r.ending);
+        // Probed at once, a bounded number at a time: one sandbox that does not answer costs
+        // one probe timeout, not one per session behind it.
+        let probed: Vec<(SessionRow, bool)> = futures_util::stream::iter(rows)
+            .map(|row| async {
+                let alive =
+                    present.contains(&row.sandbox_id) && inner.backend.probe(&row.sandbox_id).await;
+                (row, alive)
+            })
+            .buffer_unordered(RECOVERY_PROBES)
+            .collect()
+            .await;
         let now_ms = unix_ms(SystemTime::now());
-        let mut adopted = Vec::new();
-        for row in rows {
-            let alive =
-                present.contains(&row.sandbox_id) && inner.backend.probe(&row.sandbox_id).await;
+        let mut kept: Vec<String> = Vec::new();
+        for (row, alive) in probed {
             if !alive {
                 tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "session lost its sandbox while the server was down; removing it");
-                inner.store.delete_session(&row.id)?;
+                let id = row.id.clone();
+                self.store(move |s| s.delete_session(&id)).await?;
                 continue;
             }
             // Clients could not refresh while the server was down: give them one TTL to come back.
             let remaining_ms = (row.expires_at - now_ms).max(inner.config.ttl.as_millis() as i64);
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
-            let sandbox = Sandbox {
-                socket: inner.backend.socket_path(&row.sandbox_id),
-                id: row.sandbox_id.clone(),
-            };
             tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "adopted session");
-            self.insert_live(
-                row.id.clone(),
-                Live {
-                    team_id: row.team_id,
-                    environment: row.environment,
-                    edit_enabled: row.edit_enabled,
-                    sandbox,
-                    deadline,
-                },
-            );
-            adopted.push(row.sandbox_id);
+            kept.push(row.sandbox_id.clone());
+            let mut live = self.adopted(&row, deadline);
+            if row.edit_enabled && row.edit_base.is_none() {
+                live.edit_base = self.legacy_edit_base(&row).await.unwrap_or_else(|e| {
+                    tracing::warn!(session = %row.id, "edit session's root unknown, its edits will not be saved: {e}");
+                    None
+                });
+            }
+            self.insert_live(row.id, live);
         }
-        for id in present.iter().filter(|id| !adopted.contains(id)) {
+        for row in ending {
+            // An end the previous run did not finish (an edit session frozen mid-save, say):
+            // finish it now. The save lock is taken before the server listens, so no create of
+            // the environment starts from the root the save is about to replace.
+            kept.push(row.sandbox_id.clone());
+            let saving = match row.edit_base {
+                Some(_) => Some(inner.saving.lock(row.team_id, &row.environment).await),
+                None => None,
+            };
+            let live = self.adopted(&row, Instant::now());
+            let present = present.contains(&row.sandbox_id);
+            let this = self.clone();
+            tokio::spawn(async move {
+                tracing::info!(session = %row.id, "finishing the end of a session the previous run left under way");
+                let ended = if present {
+                    this.end(&row.id, live).await
+                } else {
+                    this.inner.metrics.edit_save_failures.inc();
+                    this.forget_row(&row.id).await;
+                    Err(Error::EditsLost {
+                        session: row.id.clone(),
+                        reason: "its sandbox died while the server was down".into(),
+                    })
+                };
+                if let Err(e) = ended {
+                    tracing::error!(session = %row.id, "{e}");
+                }
+                drop(saving);
+            });
+        }
+        for id in present.iter().filter(|id| !kept.contains(id)) {
             tracing::info!(sandbox = %id, "destroying a sandbox no session owns");
             if let Err(e) = inner.backend.destroy(id).await {
                 tracing::warn!(sandbox = %id, error = %e, "cannot destroy leftover sandbox");
             }
         }
         Ok(())
+    }
+
+    /// The root of an edit session started by a burrow that did not record it: the one its
+    /// environment runs now, which is what that burrow's save would have used.
+    async fn legacy_edit_base(&self, row: &SessionRow) -> Result<Option<EditBase>, Error> {
+        let (team_id, environment) = (row.team_id, row.environment.clone());
+        let Some(custom) = self
+            .store(move |s| s.environment(team_id, &environment))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let root = self.custom_root(&custom).await?;
+        Ok(Some(EditBase {
+            snapshot: root.snapshot.as_ref().map(|s| s.version.clone()),
+            rootfs: root.rootfs.clone(),
+        }))
+    }
+
+    /// The live state of a session a previous run of the server started.
+    fn adopted(&self, row: &SessionRow, deadline: Instant) -> Live {
+        Live {
+            team_id: row.team_id,
+            environment: row.environment.clone(),
+            template: row.template.clone(),
+            edit_enabled: row.edit_enabled,
+            edit_base: row.edit_base.clone(),
+            sandbox: Sandbox {
+                socket: self.inner.backend.socket_path(&row.sandbox_id),
+                id: row.sandbox_id.clone(),
+            },
+            deadline,
+        }
     }
 
     fn insert_live(&self, id: String, live: Live) {
@@ -324,18 +425,57 @@ impl Sessions {
         if removed.is_some() {
             tracing::warn!(session = %session_id, sandbox = %sandbox_id, "sandbox died; session is gone");
             self.inner.metrics.sandbox_deaths.inc();
-            self.forget(&session_id, &sandbox_id).await;
+            if let Err(e) = self.forget(&session_id, &sandbox_id).await {
+                tracing::error!(session = %session_id, "{e}");
+            }
         }
     }
 
-    /// Deletes a session's row and its sandbox, after it has left `live`.
-    async fn forget(&self, session_id: &str, sandbox_id: &str) {
-        if let Err(e) = self.inner.store.delete_session(session_id) {
+    async fn forget_row(&self, session_id: &str) {
+        let id = session_id.to_string();
+        if let Err(e) = self.store(move |s| s.delete_session(&id)).await {
             tracing::error!(session = %session_id, error = %e, "cannot delete session from the store");
         }
-        if let Err(e) = self.inner.backend.destroy(sandbox_id).await {
-            tracing::error!(session = %session_id, sandbox = %sandbox_id, error = %e, "cannot destroy sandbox");
-        }
+    }
+
+    /// Deletes a session's row and destroys its sandbox, after the session has left `live`. A
+    /// destroy that keeps failing is reported, and tried again in the background until it
+    /// succeeds (a restart would destroy the sandbox too: no session owns it any more).
+    async fn forget(&self, session_id: &str, sandbox_id: &str) -> Result<(), Error> {
+        self.forget_row(session_id).await;
+        let backend = &self.inner.backend;
+        let mut tries = 0;
+        let error = loop {
+            tries += 1;
+            match backend.destroy(sandbox_id).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tries >= DESTROY_TRIES => break e,
+                Err(e) => {
+                    tracing::warn!(session = %session_id, sandbox = %sandbox_id, error = %e, "cannot destroy sandbox; trying again");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                }
+            }
+        };
+        tracing::error!(session = %session_id, sandbox = %sandbox_id, error = %error, "cannot destroy sandbox; retrying in the background");
+        self.inner.metrics.destroy_failures.inc();
+        let backend = backend.clone();
+        let sandbox = sandbox_id.to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DESTROY_RETRY).await;
+                match backend.destroy(&sandbox).await {
+                    Ok(()) => {
+                        tracing::info!(%sandbox, "sandbox destroyed after all");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(%sandbox, error = %e, "cannot destroy sandbox yet"),
+                }
+            }
+        });
+        Err(Error::Teardown {
+            session: session_id.to_string(),
+            reason: error.to_string(),
+        })
     }
 
     pub fn client_id(&self) -> &str {
@@ -363,8 +503,7 @@ impl Sessions {
     }
 
     /// A built-in environment by name, or a custom environment of the principal's team by ID
-    /// (its saved edits if it has any, else its template's root); other teams' custom IDs are
-    /// simply unknown.
+    /// (its saved edits if it has any, else its template's root).
     /// `custom` is the team's custom environment called `name`, if there is one.
     async fn environment(
         &self,
@@ -389,54 +528,67 @@ impl Sessions {
     /// What a custom environment runs: its template, with its saved edits if it has any.
     async fn custom_root(&self, custom: &CustomEnvironment) -> Result<Arc<Environment>, Error> {
         let template = self.builtin(&custom.template)?;
-        let snapshots = self.inner.catalog.snapshots(custom.team_id);
-        let id = custom.id.clone();
-        let saved = tokio::task::spawn_blocking(move || snapshots.current(&id))
-            .await
-            .expect("reading a snapshot does not panic")?;
+        let saved = self.current_snapshot(custom).await?;
         Ok(match saved {
             Some(snapshot) => Arc::new(template.with_snapshot(snapshot)),
             None => template,
         })
     }
 
-    /// The lock of a (team, environment) that an ending edit session holds while it saves.
-    fn saving(&self, team_id: i64, environment: &str) -> SaveLock {
-        self.inner
-            .saving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((team_id, environment.to_string()))
-            .or_default()
-            .clone()
+    async fn current_snapshot(
+        &self,
+        custom: &CustomEnvironment,
+    ) -> Result<Option<burrow_environments::Snapshot>, Error> {
+        let snapshots = self.inner.catalog.snapshots(custom.team_id);
+        let id = custom.id.clone();
+        Ok(tokio::task::spawn_blocking(move || snapshots.current(&id))
+            .await
+            .expect("reading a snapshot does not panic")?)
     }
 
     /// Saves what an ending edit session changed as its custom environment's new version (an
     /// edit session of a built-in environment saves nothing: built-ins are shared by every
     /// team). The session has left `live`; its sandbox is frozen here and destroyed after.
+    ///
+    /// The changes are applied to the root the session started from, and only if that is still
+    /// what the environment runs: an environment replaced or given another template while the
+    /// session ran has dropped its saved edits, and a save must not bring them back.
     async fn save_edits(&self, session_id: &str, session: &Live) -> Result<(), Error> {
         let lost = |reason: String| Error::EditsLost {
             session: session_id.to_string(),
             reason,
         };
-        let Some(custom) = self
-            .inner
-            .store
-            .environment(session.team_id, &session.environment)?
-        else {
+        let Some(base) = &session.edit_base else {
             return Ok(());
         };
+        let (team_id, environment) = (session.team_id, session.environment.clone());
+        let Some(custom) = self
+            .store(move |s| s.environment(team_id, &environment))
+            .await?
+        else {
+            return Err(lost(format!(
+                "environment '{}' was deleted while the session ran",
+                session.environment
+            )));
+        };
+        let now = self.current_snapshot(&custom).await?.map(|s| s.version);
+        if custom.template != session.template || now != base.snapshot {
+            return Err(lost(format!(
+                "environment '{}' was replaced or given another template while the session ran",
+                session.environment
+            )));
+        }
         let upper = self
             .inner
             .backend
             .freeze(&session.sandbox.id)
             .await
             .map_err(|e| lost(e.to_string()))?;
-        let base = self.custom_root(&custom).await?;
         let snapshots = self.inner.catalog.snapshots(custom.team_id);
         let started = Instant::now();
+        let root = base.rootfs.clone();
         let saved =
-            tokio::task::spawn_blocking(move || snapshots.commit(&custom.id, &base.rootfs, &upper))
+            tokio::task::spawn_blocking(move || snapshots.commit(&custom.id, &root, &upper))
                 .await
                 .expect("saving a snapshot does not panic")
                 .map_err(|e| lost(e.to_string()))?;
@@ -445,9 +597,13 @@ impl Sessions {
     }
 
     /// Ends a session that has left `live`: an edit session saves its changes first, then the
-    /// sandbox goes. The caller holds the environment's `saving` lock for an edit session.
+    /// sandbox goes. The caller holds the environment's `saving` lock for an edit session. A
+    /// failed save is reported before a failed teardown.
     async fn end(&self, session_id: &str, session: Live) -> Result<(), Error> {
-        let saved = if session.edit_enabled {
+        let saved = if session.edit_base.is_some() {
+            let id = session_id.to_string();
+            // A restart that finds the session so marked finishes its end, save included.
+            self.store(move |s| s.set_session_ending(&id)).await?;
             let saved = self.save_edits(session_id, &session).await;
             match &saved {
                 Ok(()) => self.inner.metrics.edit_saves.inc(),
@@ -460,8 +616,8 @@ impl Sessions {
         } else {
             Ok(())
         };
-        self.forget(session_id, &session.sandbox.id).await;
-        saved
+        let gone = self.forget(session_id, &session.sandbox.id).await;
+        saved.and(gone)
     }
 
     fn builtin(&self, name: &str) -> Result<Arc<Environment>, Error> {
@@ -492,22 +648,28 @@ impl Sessions {
     }
 
     /// Creates a session, or for `edit_enabled` returns the team's existing edit session of that
-    /// environment. Returns once the sandbox's envd answers.
+    /// environment. Returns once the sandbox's envd answers. Runs to its end even if the caller
+    /// stops waiting (the session then expires unrefreshed).
     pub async fn create(
         &self,
         principal: &Principal,
         environment: &str,
         edit_enabled: bool,
     ) -> Result<SessionInfo, Error> {
-        let started = Instant::now();
-        let result = self
-            .create_inner(principal, environment, edit_enabled)
-            .await;
-        match &result {
-            Ok(_) => self.inner.metrics.record_create(started.elapsed()),
-            Err(_) => self.inner.metrics.create_failures.inc(),
-        }
-        result
+        let (this, principal, environment) =
+            (self.clone(), principal.clone(), environment.to_string());
+        detached(async move {
+            let started = Instant::now();
+            let result = this
+                .create_inner(&principal, &environment, edit_enabled)
+                .await;
+            match &result {
+                Ok(_) => this.inner.metrics.record_create(started.elapsed()),
+                Err(_) => this.inner.metrics.create_failures.inc(),
+            }
+            result
+        })
+        .await
     }
 
     async fn create_inner(
@@ -516,23 +678,19 @@ impl Sessions {
         environment: &str,
         edit_enabled: bool,
     ) -> Result<SessionInfo, Error> {
-        let custom = self
-            .inner
-            .store
-            .environment(principal.team_id, environment)?;
+        let (team_id, name) = (principal.team_id, environment.to_string());
+        let custom = self.store(move |s| s.environment(team_id, &name)).await?;
         // Only a custom environment saves edits. A create of one waits for an edit session of
         // it that is being saved; an edit session keeps the lock until it is live, so that no
         // other one can start from an older root.
         let _saving = match &custom {
             Some(_) => {
-                let saving = self
-                    .saving(principal.team_id, environment)
-                    .lock_owned()
-                    .await;
+                let saving = self.inner.saving.lock(principal.team_id, environment).await;
                 edit_enabled.then_some(saving)
             }
             None => None,
         };
+        let saves_edits = edit_enabled && custom.is_some();
         let env = self.environment(environment, custom).await?;
         let _edit_guard = if edit_enabled {
             let guard = self.inner.edit_create.lock().await;
@@ -548,7 +706,7 @@ impl Sessions {
             };
             if let Some(info) = existing {
                 // Joining the shared session counts as a refresh of it.
-                self.refresh(&info.session_id, Some(principal))?;
+                self.refresh(&info.session_id, Some(principal)).await?;
                 return Ok(info);
             }
             Some(guard)
@@ -580,23 +738,32 @@ impl Sessions {
         self.inner.pool.wake();
         let id = new_session_id();
         let deadline = Instant::now() + self.inner.config.ttl;
+        let edit_base = saves_edits.then(|| EditBase {
+            snapshot: env.snapshot.as_ref().map(|s| s.version.clone()),
+            rootfs: env.rootfs.clone(),
+        });
         let row = SessionRow {
             id: id.clone(),
             team_id: principal.team_id,
             environment: environment.to_string(),
+            template: env.name.clone(),
             edit_enabled,
             sandbox_id: sandbox.id.clone(),
             created_at: unix_ms(SystemTime::now()),
             expires_at: deadline_ms(deadline),
+            ending: false,
+            edit_base: edit_base.clone(),
         };
-        if let Err(e) = self.inner.store.insert_session(&row) {
+        if let Err(e) = self.store(move |s| s.insert_session(&row)).await {
             let _ = self.inner.backend.destroy(&sandbox.id).await;
-            return Err(e.into());
+            return Err(e);
         }
         let live = Live {
             team_id: principal.team_id,
             environment: environment.to_string(),
+            template: env.name.clone(),
             edit_enabled,
+            edit_base,
             sandbox,
             deadline,
         };
@@ -644,26 +811,21 @@ impl Sessions {
     }
 
     /// Re-arms the session's TTL. Without a key the session ID is the capability (the SDK
-    /// refreshes keyless); with one, it must be the owner's (or an admin's).
-    pub fn refresh(&self, id: &str, principal: Option<&Principal>) -> Result<(), Error> {
+    /// refreshes keyless); with one, it must be the owner's (or an admin's): another team's
+    /// session is not found, as for a delete, so IDs of other teams cannot be probed.
+    pub async fn refresh(&self, id: &str, principal: Option<&Principal>) -> Result<(), Error> {
         let deadline = Instant::now() + self.inner.config.ttl;
         {
             let mut live = self.live();
-            let Some(session) = live.get_mut(id) else {
-                return Err(Error::NotFound(id.to_string()));
-            };
-            if let Some(p) = principal
-                && !p.admin
-                && p.team_id != session.team_id
-            {
-                return Err(Error::NotOwner(id.to_string()));
-            }
+            let session = live
+                .get_mut(id)
+                .filter(|l| principal.is_none_or(|p| p.admin || p.team_id == l.team_id))
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
             session.deadline = deadline;
         }
         self.inner.timers.push(deadline, id.to_string());
-        self.inner
-            .store
-            .set_session_expiry(id, deadline_ms(deadline))?;
+        let (id, at) = (id.to_string(), deadline_ms(deadline));
+        self.store(move |s| s.set_session_expiry(&id, at)).await?;
         self.inner.metrics.refreshes.inc();
         Ok(())
     }
@@ -680,17 +842,22 @@ impl Sessions {
         out
     }
 
-    /// Deletes a session and returns once its sandbox is gone. Another team's session is
-    /// reported as not found, so IDs of other teams cannot be probed.
+    /// Deletes a session and returns once its sandbox is gone (and an edit session's changes
+    /// are saved), even if the caller stops waiting. Another team's session is reported as not
+    /// found, so IDs of other teams cannot be probed.
     pub async fn delete(&self, id: &str, principal: &Principal) -> Result<(), Error> {
-        let owned = |l: &Live| principal.admin || l.team_id == principal.team_id;
-        let Some((session, _saving)) = self.leave_live(id, owned).await else {
-            return Err(Error::NotFound(id.to_string()));
-        };
-        let ended = self.end(id, session).await;
-        self.inner.metrics.deletes.inc();
-        tracing::info!(session = %id, "session deleted");
-        ended
+        let (this, id, principal) = (self.clone(), id.to_string(), principal.clone());
+        detached(async move {
+            let owned = |l: &Live| principal.admin || l.team_id == principal.team_id;
+            let Some((session, _saving)) = this.leave_live(&id, owned).await else {
+                return Err(Error::NotFound(id));
+            };
+            let ended = this.end(&id, session).await;
+            this.inner.metrics.deletes.inc();
+            tracing::info!(session = %id, "session deleted");
+            ended
+        })
+        .await
     }
 
     /// Where the gateway sends a live session's traffic, and whose it is.
@@ -701,11 +868,12 @@ impl Sessions {
         })
     }
 
-    /// Live sessions per environment, for the metrics.
+    /// Live sessions per environment, for the metrics: built-in names only (a custom
+    /// environment counts as its template), since `/metrics` needs no key.
     fn live_by_environment(&self) -> Vec<(String, usize)> {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for l in self.live().values() {
-            *counts.entry(l.environment.clone()).or_default() += 1;
+            *counts.entry(l.template.clone()).or_default() += 1;
         }
         let mut out: Vec<_> = counts.into_iter().collect();
         out.sort();
@@ -719,21 +887,17 @@ impl Sessions {
         &self,
         id: &str,
         applies: impl Fn(&Live) -> bool,
-    ) -> Option<(Live, Option<tokio::sync::OwnedMutexGuard<()>>)> {
+    ) -> Option<(Live, Option<save_locks::SaveGuard>)> {
         let edit = match self.live().get(id) {
-            Some(l) if applies(l) => l.edit_enabled.then(|| (l.team_id, l.environment.clone())),
+            Some(l) if applies(l) => l
+                .edit_base
+                .is_some()
+                .then(|| (l.team_id, l.environment.clone())),
             _ => return None,
         };
-        let saves = |(team_id, environment): &(i64, String)| {
-            // A store error here shows again, and is reported, when the edits are saved.
-            matches!(
-                self.inner.store.environment(*team_id, environment),
-                Ok(Some(_))
-            )
-        };
-        let saving = match edit.filter(saves) {
+        let saving = match edit {
             Some((team_id, environment)) => {
-                Some(self.saving(team_id, &environment).lock_owned().await)
+                Some(self.inner.saving.lock(team_id, &environment).await)
             }
             None => None,
         };
@@ -757,7 +921,7 @@ impl Sessions {
                 if let Some((session, _saving)) = this.leave_live(&due, due_now).await {
                     tracing::info!(session = %due, "session expired");
                     this.inner.metrics.expiries.inc();
-                    // A failed save is logged and counted by `end`; nobody waits for it here.
+                    // A failure is logged and counted by `end`; nobody waits for it here.
                     let _ = this.end(&due, session).await;
                 }
             });

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub sandbox_deaths: Counter,
     pub edit_saves: Counter,
     pub edit_save_failures: Counter,
+    pub destroy_failures: Counter,
     create_buckets: [Counter; BUCKETS.len()],
     create_count: Counter,
     create_micros: Counter,
@@ -112,6 +113,11 @@ impl Metrics {
                 "burrow_edit_save_failures_total",
                 "Edit sessions whose changes could not be saved.",
                 &self.edit_save_failures,
+            ),
+            (
+                "burrow_sandbox_destroy_failures_total",
+                "Sandboxes of ended sessions that could not be removed at once (retried until they are).",
+                &self.destroy_failures,
             ),
         ] {
             let _ = writeln!(

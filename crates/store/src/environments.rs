@@ -59,7 +59,7 @@ impl Store {
     /// Creates the environment, or replaces the template and title of the team's own one with
     /// that ID. False when the ID belongs to another team.
     pub fn put_environment(&self, env: &CustomEnvironment) -> Result<bool> {
-        let changed = self.conn().execute(
+        let changed = self.writer().execute(
             "INSERT INTO environments (id, team_id, template, title, state, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, strftime('%s','now') * 1000)
              ON CONFLICT (id) DO UPDATE SET template = ?3, title = ?4, state = ?5
@@ -78,7 +78,7 @@ impl Store {
     /// The team's environment with this ID.
     pub fn environment(&self, team_id: i64, id: &str) -> Result<Option<CustomEnvironment>> {
         Ok(self
-            .conn()
+            .reader()?
             .query_row(
                 &format!("SELECT {COLUMNS} FROM environments WHERE id = ?1 AND team_id = ?2"),
                 params![id, team_id],
@@ -88,7 +88,7 @@ impl Store {
     }
 
     pub fn environments(&self, team_id: i64) -> Result<Vec<CustomEnvironment>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare(&format!(
             "SELECT {COLUMNS} FROM environments WHERE team_id = ?1 ORDER BY created_at, id"
         ))?;
@@ -98,7 +98,7 @@ impl Store {
 
     /// Deletes the team's environment; false if it has none with this ID.
     pub fn delete_environment(&self, team_id: i64, id: &str) -> Result<bool> {
-        Ok(self.conn().execute(
+        Ok(self.writer().execute(
             "DELETE FROM environments WHERE id = ?1 AND team_id = ?2",
             params![id, team_id],
         )? > 0)

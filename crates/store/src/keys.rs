@@ -71,7 +71,7 @@ impl Store {
         }
         let id = random_alnum(ID_LEN);
         let secret = random_alnum(SECRET_LEN);
-        let mut conn = self.conn();
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT OR IGNORE INTO teams (name, created_at) VALUES (?1, ?2)",
@@ -107,7 +107,7 @@ impl Store {
         }
         let (id, secret) = rest.split_at(ID_LEN);
         let found: Option<(Vec<u8>, i64, String, bool)> = self
-            .conn()
+            .reader()?
             .query_row(
                 "SELECT k.secret_sha256, t.id, t.name, k.admin FROM api_keys k JOIN teams t ON t.id = k.team_id
                  WHERE k.id = ?1 AND k.revoked_at IS NULL",
@@ -131,7 +131,7 @@ impl Store {
     }
 
     pub fn keys(&self) -> Result<Vec<KeyInfo>> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare(
             "SELECT k.id, t.name, k.admin, k.created_at, k.revoked_at IS NOT NULL
              FROM api_keys k JOIN teams t ON t.id = k.team_id ORDER BY k.created_at, k.id",
@@ -155,7 +155,7 @@ impl Store {
         let id = id_or_key
             .strip_prefix(PREFIX)
             .map_or(id_or_key, |rest| rest.get(..ID_LEN).unwrap_or(rest));
-        Ok(self.conn().execute(
+        Ok(self.writer().execute(
             "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
             params![id, now_ms()],
         )? > 0)
@@ -164,13 +164,13 @@ impl Store {
     /// Whether any key, revoked or not, was ever made: the first start makes the admin key.
     pub fn has_keys(&self) -> Result<bool> {
         Ok(self
-            .conn()
+            .reader()?
             .query_row("SELECT EXISTS (SELECT 1 FROM api_keys)", [], |r| r.get(0))?)
     }
 
     /// The principal used for every request when auth is off: the admin of team `default`.
     pub fn default_principal(&self) -> Result<Principal> {
-        let conn = self.conn();
+        let conn = self.writer();
         conn.execute(
             "INSERT OR IGNORE INTO teams (name, created_at) VALUES ('default', ?1)",
             params![now_ms()],
