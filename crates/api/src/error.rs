@@ -61,7 +61,7 @@ impl From<SessionError> for ApiError {
             | SessionError::Store(_)
             | SessionError::Environment(_)
             | SessionError::EditsLost { .. }
-            | SessionError::Teardown { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            | SessionError::Teardown(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }

@@ -97,11 +97,12 @@ pub enum Error {
     Environment(#[from] burrow_environments::Error),
     #[error("session '{session}' ended, but what it changed could not be saved: {reason}")]
     EditsLost { session: String, reason: String },
+    /// Why is in the server's log, with the session's ID: it names host paths.
     #[error(
-        "session '{session}' ended, but its sandbox could not be removed yet ({reason}); \
-         burrow keeps trying in the background"
+        "session '{0}' ended, but its sandbox could not be removed yet; burrow keeps trying \
+         in the background"
     )]
-    Teardown { session: String, reason: String },
+    Teardown(String),
 }
 
 /// A session as clients see it.
@@ -472,10 +473,7 @@ impl Sessions {
                 }
             }
         });
-        Err(Error::Teardown {
-            session: session_id.to_string(),
-            reason: error.to_string(),
-        })
+        Err(Error::Teardown(session_id.to_string()))
     }
 
     pub fn client_id(&self) -> &str {
