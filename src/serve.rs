@@ -12,7 +12,7 @@ use burrow_api::AppState;
 use burrow_environments::Catalog;
 use burrow_gateway::{Gateway, Limits as GatewayLimits};
 use burrow_runtime::{Limits, Namespaces, RuntimeConfig};
-use burrow_sessions::{Config as SessionsConfig, Sessions};
+use burrow_sessions::{Budget, Config as SessionsConfig, Sessions};
 use burrow_store::Store;
 use tracing_subscriber::EnvFilter;
 
@@ -65,6 +65,14 @@ pub struct ServeArgs {
     /// Live sessions one team runs at most; creates beyond it get 429.
     #[arg(long, default_value_t = 500)]
     max_sessions_per_team: usize,
+    /// How many times over the host's memory the sandboxes' memory limits may add up to (idle
+    /// sandboxes use a few MiB of theirs); creates beyond it get 503.
+    #[arg(long, default_value_t = 8.0, value_parser = parse_positive)]
+    memory_overcommit: f64,
+    /// The part (0-1] of the host's promised memory and processes one team's sessions may hold;
+    /// creates beyond it get 429.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
+    team_share: f64,
     /// Memory the host keeps available: while MemAvailable is below it, creates get 503 and the
     /// warm pool is not refilled (0 turns the check off).
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes_or_zero)]
@@ -95,6 +103,20 @@ const MIN_DEFAULT_CONNECTIONS: usize = 1024;
 /// Descriptors kept out of the connection budget: the database, logs, the warm pool, connections
 /// being refused and spare; one per sandbox is added on top.
 const RESERVED_FDS: u64 = 1024;
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match parse_positive(s)? {
+        v if v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is more than 1 (the whole host)")),
+    }
+}
 
 /// A size, or `0` for none.
 fn parse_bytes_or_zero(s: &str) -> Result<u64, String> {
@@ -210,13 +232,16 @@ fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// Sandboxes' user namespaces belong to the server's uid, so every inotify instance a sandbox
-/// makes is also charged to host root, whose default budget (128) a few busy sandboxes would
-/// use up. Each sandbox is capped at 32 inside; make room for many sandboxes on the host.
-fn raise_inotify_budget() {
+/// Raises the host-wide budgets that every sandbox draws from to what systemd sets on current
+/// distributions: `kernel.pid_max` to 4194304, since admission control promises three quarters
+/// of it to sandboxes and the kernel's default (32768) would hold fewer than a hundred; and
+/// `fs.file-max` to its maximum, since a sandbox's open files are charged to its memory cgroup
+/// (its memory limit bounds them) and a host-wide count would be one pool that a single sandbox
+/// could drain for all the others.
+fn raise_host_budgets() {
     for (file, wanted) in [
-        ("/proc/sys/fs/inotify/max_user_instances", 65_536u64),
-        ("/proc/sys/fs/inotify/max_user_watches", 4_194_304),
+        ("/proc/sys/kernel/pid_max", 4_194_304u64),
+        ("/proc/sys/fs/file-max", i64::MAX as u64),
     ] {
         let current = std::fs::read_to_string(file)
             .ok()
@@ -224,9 +249,9 @@ fn raise_inotify_budget() {
         if current.is_some_and(|c| c < wanted) {
             match std::fs::write(file, wanted.to_string()) {
                 Ok(()) => tracing::info!("raised {file} from {} to {wanted}", current.unwrap_or(0)),
-                Err(e) => {
-                    tracing::warn!("cannot raise {file}: {e}; watchDir may fail on busy nodes")
-                }
+                Err(e) => tracing::warn!(
+                    "cannot raise {file}: {e}; sandboxes share the smaller host-wide budget"
+                ),
             }
         }
     }
@@ -235,7 +260,7 @@ fn raise_inotify_budget() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let max_connections = max_connections(args.max_connections, fd_limit, args.max_sessions);
-    raise_inotify_budget();
+    raise_host_budgets();
     // Bind first: a start that cannot listen must not print (and so waste) the admin key.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -299,6 +324,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_sessions_per_team: args.max_sessions_per_team,
             min_available_memory: args.min_available_memory,
             client_id: node_id.clone(),
+            host_budget: Budget::of_host(args.memory_overcommit),
+            team_share: args.team_share,
         },
         store.clone(),
         backend.clone(),

@@ -609,7 +609,8 @@ def test_hundreds_of_live_sessions(new_server):
     """Every session is a live sandbox (envd plus its cgroups), so this is what holds the
     number of sessions down, not the store: see ten_thousand_sessions in crates/store for the
     store alone with 10,000 rows."""
-    srv = new_server(ttl="300s", pool_size=1)
+    # One team holds them all: this is about scale, not about shares (test_fairness.py).
+    srv = new_server(ttl="300s", pool_size=1, extra_args=["--team-share", "1"])
     key = srv.create_key("many")
     pid = srv.proc.pid
     base = {"fds": fds(pid), "rss": vm_rss_kib(pid)}

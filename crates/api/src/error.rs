@@ -55,8 +55,12 @@ impl From<SessionError> for ApiError {
             }
             SessionError::InvalidEnvironmentId(_) => StatusCode::BAD_REQUEST,
             SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
-            SessionError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
-            SessionError::LowMemory { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::TooMany { .. } | SessionError::TeamShare(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            SessionError::LowMemory { .. } | SessionError::HostFull(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             SessionError::Sandbox(_)
             | SessionError::Store(_)
             | SessionError::Environment(_)

@@ -5,6 +5,7 @@
 //! (so a restart can adopt its sandbox). A session leaves `live` before its sandbox is destroyed,
 //! so nothing routes to a sandbox that is going away.
 
+mod admission;
 mod custom;
 mod metrics;
 mod pool;
@@ -22,6 +23,8 @@ use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
 use burrow_store::{CustomEnvironment, EditBase, EnvironmentState, Principal, SessionRow, Store};
 use futures_util::StreamExt;
 
+pub use admission::{Budget, Refusal, Resource};
+use admission::{Exceeded, Promised};
 pub use custom::EnvironmentUpdate;
 pub use metrics::Metrics;
 use pool::Pool;
@@ -56,6 +59,10 @@ pub struct Config {
     pub min_available_memory: u64,
     /// This node's ID, the `clientID` of its sessions.
     pub client_id: String,
+    /// What the sandboxes of this node may be promised together (their limits summed).
+    pub host_budget: Budget,
+    /// The part of `host_budget` one team may be promised, in (0, 1].
+    pub team_share: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +91,16 @@ pub enum Error {
         limit: usize,
         flag: &'static str,
     },
+    #[error(
+        "your team has used its share of this server, {0}; delete some sessions (the operator \
+         sets the share with --team-share)"
+    )]
+    TeamShare(Refusal),
+    #[error(
+        "this server has promised all it has, {0}; try again later (the operator sets \
+         --memory-overcommit)"
+    )]
+    HostFull(Refusal),
     #[error("{0}")]
     Store(#[from] burrow_store::Error),
     #[error(
@@ -131,6 +148,8 @@ struct Live {
     edit_enabled: bool,
     /// An edit session of a custom environment: the root it started from.
     edit_base: Option<EditBase>,
+    /// What its sandbox was promised (see `admission`).
+    limits: Limits,
     sandbox: Sandbox,
     deadline: Instant,
 }
@@ -141,8 +160,9 @@ struct Inner {
     backend: Arc<dyn Backend>,
     catalog: Arc<Catalog>,
     live: Mutex<HashMap<String, Live>>,
-    /// Creates in flight per team (see [`Sessions::reserve`]); locked after `live`.
-    pending: Mutex<HashMap<i64, usize>>,
+    /// What creates in flight were promised, per team (see [`Sessions::reserve`]); locked
+    /// after `live`.
+    pending: Mutex<HashMap<i64, Promised>>,
     /// Serialises edit-session creation so one (team, environment) never gets two.
     edit_create: tokio::sync::Mutex<()>,
     /// Per (team, custom environment): held while an edit session of it ends and its changes are
@@ -158,6 +178,7 @@ struct Inner {
 struct Slot<'a> {
     sessions: &'a Sessions,
     team_id: i64,
+    limits: Limits,
 }
 
 impl Drop for Slot<'_> {
@@ -168,9 +189,9 @@ impl Drop for Slot<'_> {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = pending.get_mut(&self.team_id) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(promised) = pending.get_mut(&self.team_id) {
+            promised.remove(&self.limits);
+            if promised.sessions == 0 {
                 pending.remove(&self.team_id);
             }
         }
@@ -398,6 +419,7 @@ impl Sessions {
             template: row.template.clone(),
             edit_enabled: row.edit_enabled,
             edit_base: row.edit_base.clone(),
+            limits: self.inner.config.limits_for(&row.template),
             sandbox: Sandbox {
                 socket: self.inner.backend.socket_path(&row.sandbox_id),
                 id: row.sandbox_id.clone(),
@@ -711,7 +733,8 @@ impl Sessions {
         } else {
             None
         };
-        let _slot = self.reserve(principal)?;
+        let limits = self.inner.config.limits_for(&env.name);
+        let _slot = self.reserve(principal, limits)?;
         self.inner.config.check_memory()?;
         // The pool holds sandboxes of the catalog's environments, not of saved edits.
         let pooled = match env.snapshot {
@@ -722,7 +745,7 @@ impl Sessions {
             Some(sandbox) => sandbox,
             None => {
                 let spec = SandboxSpec {
-                    limits: self.inner.config.limits_for(&env.name),
+                    limits,
                     environment: env.clone(),
                     ready_shell: false,
                 };
@@ -762,6 +785,7 @@ impl Sessions {
             template: env.name.clone(),
             edit_enabled,
             edit_base,
+            limits,
             sandbox,
             deadline,
         };
@@ -772,39 +796,67 @@ impl Sessions {
         Ok(info)
     }
 
-    /// Takes a slot for one more session of the principal's team, refusing one that would take
-    /// the node or the team past its limit, so one key cannot take every process and byte of
-    /// memory the node has. Slots of creates still in flight count, so concurrent creates
-    /// cannot overshoot; the slot is given back when the create ends (its session, if any, is
-    /// in `live` by then).
-    fn reserve(&self, principal: &Principal) -> Result<Slot<'_>, Error> {
+    /// Takes a slot for one more session of the principal's team, with `limits`, refusing one
+    /// that would take the node or the team past its number of sessions, or past what it may be
+    /// promised of the host's memory and processes (`admission`), so that one key cannot take
+    /// what the other teams' sessions need. Slots of creates still in flight count, so
+    /// concurrent creates cannot overshoot; the slot is given back when the create ends (its
+    /// session, if any, is in `live` by then). The warm pool's sandboxes count against the host.
+    fn reserve(&self, principal: &Principal, limits: Limits) -> Result<Slot<'_>, Error> {
         let config = &self.inner.config;
+        let pooled: Vec<Limits> = self
+            .inner
+            .pool
+            .counts()
+            .into_iter()
+            .flat_map(|(env, n)| std::iter::repeat_n(config.limits_for(&env), n))
+            .collect();
         let live = self.live();
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let all = live.len() + pending.values().sum::<usize>();
-        if all >= config.max_sessions {
+        let mut all = Promised::default();
+        let mut team = pending.get(&principal.team_id).copied().unwrap_or_default();
+        for l in live.values() {
+            all.add(&l.limits);
+            if l.team_id == principal.team_id {
+                team.add(&l.limits);
+            }
+        }
+        let in_flight = pending.values().fold(Promised::default(), |a, p| Promised {
+            sessions: a.sessions + p.sessions,
+            memory_bytes: a.memory_bytes + p.memory_bytes,
+            pids: a.pids + p.pids,
+        });
+        let sessions = all.sessions + in_flight.sessions;
+        if sessions >= config.max_sessions {
             return Err(Error::TooMany {
                 scope: "this server",
                 limit: config.max_sessions,
                 flag: "max-sessions",
             });
         }
-        let team = live
-            .values()
-            .filter(|l| l.team_id == principal.team_id)
-            .count()
-            + pending.get(&principal.team_id).copied().unwrap_or(0);
-        if team >= config.max_sessions_per_team {
+        if team.sessions >= config.max_sessions_per_team {
             return Err(Error::TooMany {
                 scope: "your team",
                 limit: config.max_sessions_per_team,
                 flag: "max-sessions-per-team",
             });
         }
-        *pending.entry(principal.team_id).or_default() += 1;
+        all.memory_bytes += in_flight.memory_bytes;
+        all.pids += in_flight.pids;
+        for l in &pooled {
+            all.add(l);
+        }
+        admission::admit(&limits, &team, &all, &config.host_budget, config.team_share).map_err(
+            |e| match e {
+                Exceeded::Team(refusal) => Error::TeamShare(refusal),
+                Exceeded::Host(refusal) => Error::HostFull(refusal),
+            },
+        )?;
+        pending.entry(principal.team_id).or_default().add(&limits);
         Ok(Slot {
             sessions: self,
             team_id: principal.team_id,
+            limits,
         })
     }
 

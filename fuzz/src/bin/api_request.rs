@@ -29,7 +29,7 @@ use burrow_gateway::{Gateway, Limits as GatewayLimits};
 use burrow_runtime::{
     Backend, BoxFuture, Error as RuntimeError, RuntimeConfig, Sandbox, SandboxSpec,
 };
-use burrow_sessions::{Config as SessionsConfig, Sessions};
+use burrow_sessions::{Budget, Config as SessionsConfig, Sessions};
 use burrow_store::Store;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -126,6 +126,8 @@ impl Api {
             max_sessions_per_team: 500,
             min_available_memory: 0,
             client_id: node_id.clone(),
+            host_budget: Budget::of_host(8.0),
+            team_share: 0.5,
         };
         let router = runtime.block_on(async {
             let sessions = Sessions::start(config, store.clone(), backend, catalog)

@@ -1,0 +1,44 @@
+"""Tenant fairness: what one team does stays within its share of the host, so that another team's
+sessions keep working. Each test runs two teams (and sometimes a third) against one server with
+small shares, drives team A up to its share, and checks that team B is unaffected and that A's
+refusals say which limit it hit."""
+
+from __future__ import annotations
+
+from burrow_harness import assert_error
+
+MIB = 1 << 20
+
+
+def mem_total() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal in /proc/meminfo")
+
+
+def test_memory_promises_stop_at_the_team_share_and_the_host_budget(new_server):
+    per_session = 256 * MIB
+    # A host budget of exactly eight sandboxes, half of it per team.
+    overcommit = 8 * per_session / mem_total()
+    server = new_server(pool_size=0, extra_args=[
+        "--memory", "256MiB", "--memory-overcommit", repr(overcommit), "--team-share", "0.5"])
+    a, b, c = (server.create_key(t) for t in ("team-a", "team-b", "team-c"))
+
+    mine = [server.create_session(a)["sessionID"] for _ in range(4)]
+    refused = server.request("POST", "/sessions", body={"codeSnippetID": "Bash"}, api_key=a)
+    assert_error(refused, 429, "your team has used its share", "memory", "--team-share")
+
+    # Team B has its own share, untouched by A's.
+    theirs = [server.create_session(b) for _ in range(4)]
+    with server.envd(theirs[0]) as envd:
+        out, _, code = envd.run("echo fine")
+    assert (out, code) == (["fine"], 0)
+
+    # Now the host has promised everything: a third team is told so, with a 503.
+    full = server.request("POST", "/sessions", body={"codeSnippetID": "Bash"}, api_key=c)
+    assert_error(full, 503, "this server has promised all it has", "memory")
+
+    # What an ended session held is given back.
+    assert server.delete(mine[0], a).status == 204
+    assert server.create_session(c)["sessionID"]
