@@ -63,10 +63,11 @@ pub fn run(request: Request) -> anyhow::Result<()> {
             }
             Ok(Outcome::Restored { version }) => println!(
                 "{name}: version {version}, built earlier from this same definition, is current \
-                 again; servers use it from their next start"
+                 again; running servers use it for sessions created from now on"
             ),
             Ok(Outcome::Built { version, elapsed }) => println!(
-                "{name}: built version {version} in {:.1} s; servers use it from their next start",
+                "{name}: built version {version} in {:.1} s; running servers use it for sessions \
+                 created from now on",
                 elapsed.as_secs_f64()
             ),
             Err(e) if cancel.is_cancelled() => {
