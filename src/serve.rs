@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// creates beyond it get 429.
     #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
     team_share: f64,
+    /// Custom environments (`/envs`) one team may have; more get 429.
+    #[arg(long, default_value_t = 100)]
+    max_environments_per_team: usize,
+    /// Disk one team's saved edit sessions may hold (what their versions share with nothing
+    /// else); a save past it is refused with 507.
+    #[arg(long, default_value = "10GiB", value_parser = parse_bytes)]
+    edit_quota_per_team: u64,
     /// Memory the host keeps available: while MemAvailable is below it, creates get 503 and the
     /// warm pool is not refilled (0 turns the check off).
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes_or_zero)]
@@ -326,6 +333,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             client_id: node_id.clone(),
             host_budget: Budget::of_host(args.memory_overcommit),
             team_share: args.team_share,
+            max_environments_per_team: args.max_environments_per_team,
+            edit_quota_per_team: args.edit_quota_per_team,
         },
         store.clone(),
         backend.clone(),

@@ -42,3 +42,40 @@ def test_memory_promises_stop_at_the_team_share_and_the_host_budget(new_server):
     # What an ended session held is given back.
     assert server.delete(mine[0], a).status == 204
     assert server.create_session(c)["sessionID"]
+
+
+def test_custom_environments_and_saved_edits_have_per_team_quotas(new_server):
+    server = new_server(pool_size=0, extra_args=[
+        "--max-environments-per-team", "2", "--edit-quota-per-team", "8MiB"])
+    a, b = server.create_key("team-a"), server.create_key("team-b")
+
+    def new_env(key):
+        return server.request("POST", "/envs", body={"template": "Bash"}, api_key=key)
+
+    first, second = (new_env(a).json()["id"] for _ in range(2))
+    assert_error(new_env(a), 429, "2 custom environments, its limit", "--max-environments-per-team")
+    # Replacing one of them is not a new one; another team has its own count.
+    assert server.request("POST", f"/envs/{first}", body={"template": "Bash"},
+                          api_key=a).status == 204
+    assert new_env(b).status == 200
+
+    def edit(env, mib):
+        r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": True},
+                           api_key=a)
+        assert r.status == 201, r
+        doc = r.json()
+        with server.envd(doc) as envd:
+            out, err, code = envd.run(f"head -c {mib}M /dev/urandom > ~/blob && echo ok")
+        assert (out, code) == (["ok"], 0), err
+        return server.delete(doc["sessionID"], a)
+
+    assert edit(first, 5).status == 204
+    # 5 MiB saved plus up to 5 more would pass the 8 MiB quota: refused, and nothing saved.
+    assert_error(edit(second, 5), 507, "quota", "--edit-quota-per-team")
+    fresh = server.create_session(a, second)
+    with server.envd(fresh) as envd:
+        out, _, _ = envd.run("ls ~/blob 2>&1 || true")
+    assert "No such file" in out[0], out
+    # Deleting an environment gives its space back.
+    assert server.request("DELETE", f"/envs/{first}", api_key=a).status == 204
+    assert edit(second, 5).status == 204

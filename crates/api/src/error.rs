@@ -55,9 +55,10 @@ impl From<SessionError> for ApiError {
             }
             SessionError::InvalidEnvironmentId(_) => StatusCode::BAD_REQUEST,
             SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
-            SessionError::TooMany { .. } | SessionError::TeamShare(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            SessionError::TooMany { .. }
+            | SessionError::TeamShare(_)
+            | SessionError::TooManyEnvironments(_) => StatusCode::TOO_MANY_REQUESTS,
+            SessionError::EditQuota { .. } => StatusCode::INSUFFICIENT_STORAGE,
             SessionError::LowMemory { .. } | SessionError::HostFull(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

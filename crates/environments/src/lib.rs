@@ -17,6 +17,7 @@ mod host;
 pub mod images;
 pub mod snapshots;
 mod sources;
+pub mod usage;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! `codeSnippetID` by that team only. What their edit sessions save (see `Sessions::save_edits`)
 //! belongs to the environment: replacing it, changing its template or deleting it forgets it.
 
-use burrow_store::{CustomEnvironment, EnvironmentState, Principal};
+use burrow_store::{CustomEnvironment, EnvironmentState, Principal, Put};
 
 use crate::{Error, Sessions};
 
@@ -60,9 +60,12 @@ impl Sessions {
             state: EnvironmentState::Done,
             id,
         };
+        let limit = self.inner.config.max_environments_per_team;
         let put = env.clone();
-        if !self.store(move |s| s.put_environment(&put)).await? {
-            return Err(Error::EnvironmentIdTaken(env.id));
+        match self.store(move |s| s.put_environment(&put, limit)).await? {
+            Put::Done => {}
+            Put::Taken => return Err(Error::EnvironmentIdTaken(env.id)),
+            Put::Full => return Err(Error::TooManyEnvironments(limit)),
         }
         if given {
             self.forget_edits(principal.team_id, &env.id).await?;
@@ -93,7 +96,9 @@ impl Sessions {
         if let Some(state) = update.state {
             env.state = state;
         }
-        self.store(move |s| s.put_environment(&env)).await?;
+        // The environment exists: replacing it never meets the limit.
+        self.store(move |s| s.put_environment(&env, usize::MAX))
+            .await?;
         if forget {
             // Saved edits were made on the old template's root.
             self.forget_edits(principal.team_id, id).await?;

@@ -14,11 +14,11 @@ mod timers;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use burrow_environments::{Catalog, Environment};
+use burrow_environments::{Catalog, Environment, usage};
 use burrow_runtime::{Backend, Limits, Sandbox, SandboxSpec};
 use burrow_store::{CustomEnvironment, EditBase, EnvironmentState, Principal, SessionRow, Store};
 use futures_util::StreamExt;
@@ -63,6 +63,10 @@ pub struct Config {
     pub host_budget: Budget,
     /// The part of `host_budget` one team may be promised, in (0, 1].
     pub team_share: f64,
+    /// Custom environments one team may have.
+    pub max_environments_per_team: usize,
+    /// Bytes of disk one team's saved edits may hold (see `burrow_environments::usage`).
+    pub edit_quota_per_team: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +105,24 @@ pub enum Error {
          --memory-overcommit)"
     )]
     HostFull(Refusal),
+    #[error(
+        "your team has {0} custom environments, its limit; delete some (the operator sets the \
+         limit with --max-environments-per-team)"
+    )]
+    TooManyEnvironments(usize),
+    #[error(
+        "session '{session}' ended, but what it changed was not saved: your team's saved edits \
+         hold {} MiB and this session wrote up to {} MiB more, past the {} MiB quota; delete \
+         custom environments you no longer need (the operator sets the quota with \
+         --edit-quota-per-team)",
+        used >> 20, need >> 20, quota >> 20
+    )]
+    EditQuota {
+        session: String,
+        used: u64,
+        need: u64,
+        quota: u64,
+    },
     #[error("{0}")]
     Store(#[from] burrow_store::Error),
     #[error(
@@ -604,6 +626,8 @@ impl Sessions {
             .freeze(&session.sandbox.id)
             .await
             .map_err(|e| lost(e.to_string()))?;
+        self.check_edit_quota(session_id, session.team_id, &upper)
+            .await?;
         let snapshots = self.inner.catalog.snapshots(custom.team_id);
         let started = Instant::now();
         let root = base.rootfs.clone();
@@ -613,6 +637,40 @@ impl Sessions {
                 .expect("saving a snapshot does not panic")
                 .map_err(|e| lost(e.to_string()))?;
         tracing::info!(session = %session_id, environment = %session.environment, version = %saved.version, took = ?started.elapsed(), "edit session saved");
+        Ok(())
+    }
+
+    /// Refuses a save that could take the team's saved edits past their quota: what they hold
+    /// now plus everything the session wrote (an upper bound of what the save adds).
+    async fn check_edit_quota(
+        &self,
+        session_id: &str,
+        team_id: i64,
+        upper: &Path,
+    ) -> Result<(), Error> {
+        let environments = self.store(move |s| s.environments(team_id)).await?;
+        let snapshots = self.inner.catalog.snapshots(team_id);
+        let upper = upper.to_path_buf();
+        let (used, need) = tokio::task::spawn_blocking(move || {
+            let mut used = 0;
+            for env in &environments {
+                if let Some(version) = snapshots.current(&env.id)? {
+                    used += usage::unshared_bytes(&version.rootfs())?;
+                }
+            }
+            Ok::<_, burrow_environments::Error>((used, usage::file_bytes(&upper)?))
+        })
+        .await
+        .expect("measuring saved edits does not panic")?;
+        let quota = self.inner.config.edit_quota_per_team;
+        if used + need > quota {
+            return Err(Error::EditQuota {
+                session: session_id.to_string(),
+                used,
+                need,
+                quota,
+            });
+        }
         Ok(())
     }
 

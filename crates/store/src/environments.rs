@@ -32,6 +32,16 @@ impl EnvironmentState {
     }
 }
 
+/// What [`Store::put_environment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Done,
+    /// The ID is another team's.
+    Taken,
+    /// The team has as many environments as it may.
+    Full,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomEnvironment {
     pub id: String,
@@ -57,13 +67,36 @@ const COLUMNS: &str = "id, team_id, template, title, state";
 
 impl Store {
     /// Creates the environment, or replaces the template and title of the team's own one with
-    /// that ID. False when the ID belongs to another team.
-    pub fn put_environment(&self, env: &CustomEnvironment) -> Result<bool> {
-        let changed = self.writer().execute(
+    /// that ID. A new one is refused while the team has `limit` already; in one transaction, so
+    /// concurrent creates cannot overshoot.
+    pub fn put_environment(&self, env: &CustomEnvironment, limit: usize) -> Result<Put> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let owner: Option<i64> = tx
+            .query_row(
+                "SELECT team_id FROM environments WHERE id = ?1",
+                params![env.id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match owner {
+            Some(team) if team != env.team_id => return Ok(Put::Taken),
+            Some(_) => {}
+            None => {
+                let count: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM environments WHERE team_id = ?1",
+                    params![env.team_id],
+                    |r| r.get(0),
+                )?;
+                if count as usize >= limit {
+                    return Ok(Put::Full);
+                }
+            }
+        }
+        tx.execute(
             "INSERT INTO environments (id, team_id, template, title, state, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, strftime('%s','now') * 1000)
-             ON CONFLICT (id) DO UPDATE SET template = ?3, title = ?4, state = ?5
-             WHERE environments.team_id = ?2",
+             ON CONFLICT (id) DO UPDATE SET template = ?3, title = ?4, state = ?5",
             params![
                 env.id,
                 env.team_id,
@@ -72,7 +105,8 @@ impl Store {
                 env.state.as_str()
             ],
         )?;
-        Ok(changed > 0)
+        tx.commit()?;
+        Ok(Put::Done)
     }
 
     /// The team's environment with this ID.
@@ -122,20 +156,30 @@ mod tests {
             title: "Mine".into(),
             state: EnvironmentState::Done,
         };
-        assert!(store.put_environment(&env).unwrap());
+        assert_eq!(store.put_environment(&env, 1).unwrap(), Put::Done);
         env.title = "Renamed".into();
-        assert!(store.put_environment(&env).unwrap());
+        // Replacing is not adding: the limit of one still holds it.
+        assert_eq!(store.put_environment(&env, 1).unwrap(), Put::Done);
+        let second = CustomEnvironment {
+            id: "another".into(),
+            ..env.clone()
+        };
+        assert_eq!(store.put_environment(&second, 1).unwrap(), Put::Full);
         assert_eq!(store.environment(a, "myenv").unwrap(), Some(env.clone()));
         // Another team can neither see, overwrite nor delete it.
         assert_eq!(store.environment(b, "myenv").unwrap(), None);
         assert!(store.environments(b).unwrap().is_empty());
-        assert!(
-            !store
-                .put_environment(&CustomEnvironment {
-                    team_id: b,
-                    ..env.clone()
-                })
-                .unwrap()
+        assert_eq!(
+            store
+                .put_environment(
+                    &CustomEnvironment {
+                        team_id: b,
+                        ..env.clone()
+                    },
+                    10
+                )
+                .unwrap(),
+            Put::Taken
         );
         assert!(!store.delete_environment(b, "myenv").unwrap());
         assert_eq!(store.environments(a).unwrap(), vec![env]);

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-pub use environments::{CustomEnvironment, EnvironmentState};
+pub use environments::{CustomEnvironment, EnvironmentState, Put};
 pub use keys::{KeyInfo, NewKey, Principal, random_alnum};
 
 #[derive(Debug, thiserror::Error)]

@@ -128,6 +128,8 @@ impl Api {
             client_id: node_id.clone(),
             host_budget: Budget::of_host(8.0),
             team_share: 0.5,
+            max_environments_per_team: 100,
+            edit_quota_per_team: 10 << 30,
         };
         let router = runtime.block_on(async {
             let sessions = Sessions::start(config, store.clone(), backend, catalog)
