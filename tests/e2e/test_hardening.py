@@ -107,7 +107,7 @@ def test_an_edit_save_does_not_bring_back_what_a_template_change_dropped(server,
     sh(server, edit, "echo second > ~/second.txt")
     r = server.request("PATCH", f"/envs/{env}", body={"template": "Perl"}, api_key=team_key)
     assert r.status == 204, r
-    assert_error(server.delete(edit["sessionID"], team_key), 500,
+    assert_error(server.delete(edit["sessionID"], team_key), 409,
                  "replaced or given another template")
 
     fresh = server.create_session(team_key, env)
@@ -124,7 +124,7 @@ def test_an_edit_save_refuses_an_environment_replaced_meanwhile(server, team_key
     sh(server, edit, "echo second > ~/second.txt")
     r = server.request("POST", f"/envs/{env}", body={"template": "Bash"}, api_key=team_key)
     assert r.status == 204, r
-    assert_error(server.delete(edit["sessionID"], team_key), 500, "replaced")
+    assert_error(server.delete(edit["sessionID"], team_key), 409, "replaced")
     fresh = server.create_session(team_key, env)
     assert sh(server, fresh, "ls ~/first.txt ~/second.txt 2>&1 | grep -c 'No such'") == ["2"]
 

@@ -54,7 +54,9 @@ impl From<SessionError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             SessionError::InvalidEnvironmentId(_) => StatusCode::BAD_REQUEST,
-            SessionError::EnvironmentIdTaken(_) => StatusCode::CONFLICT,
+            SessionError::EnvironmentIdTaken(_) | SessionError::EditsDropped { .. } => {
+                StatusCode::CONFLICT
+            }
             SessionError::TooMany { .. }
             | SessionError::TeamShare(_)
             | SessionError::TooManyEnvironments(_) => StatusCode::TOO_MANY_REQUESTS,

@@ -136,6 +136,15 @@ pub enum Error {
     Environment(#[from] burrow_environments::Error),
     #[error("session '{session}' ended, but what it changed could not be saved: {reason}")]
     EditsLost { session: String, reason: String },
+    #[error(
+        "session '{session}' ended, but what it changed was not saved: environment \
+         '{environment}' was {what} while the session ran, which drops its saved edits"
+    )]
+    EditsDropped {
+        session: String,
+        environment: String,
+        what: &'static str,
+    },
     /// Why is in the server's log, with the session's ID: it names host paths.
     #[error(
         "session '{0}' ended, but its sandbox could not be removed yet; burrow keeps trying \
@@ -604,21 +613,20 @@ impl Sessions {
             return Ok(());
         };
         let (team_id, environment) = (session.team_id, session.environment.clone());
+        let dropped = |what| Error::EditsDropped {
+            session: session_id.to_string(),
+            environment: session.environment.clone(),
+            what,
+        };
         let Some(custom) = self
             .store(move |s| s.environment(team_id, &environment))
             .await?
         else {
-            return Err(lost(format!(
-                "environment '{}' was deleted while the session ran",
-                session.environment
-            )));
+            return Err(dropped("deleted"));
         };
         let now = self.current_snapshot(&custom).await?.map(|s| s.version);
         if custom.template != session.template || now != base.snapshot {
-            return Err(lost(format!(
-                "environment '{}' was replaced or given another template while the session ran",
-                session.environment
-            )));
+            return Err(dropped("replaced or given another template"));
         }
         let upper = self
             .inner
