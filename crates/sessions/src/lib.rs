@@ -270,17 +270,19 @@ impl Sessions {
         for row in rows {
             let alive =
                 present.contains(&row.sandbox_id) && inner.backend.probe(&row.sandbox_id).await;
-            if !alive {
+            let uid_base = inner.backend.uid_base(&row.sandbox_id);
+            let (true, Ok(uid_base)) = (alive, uid_base) else {
                 tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "session lost its sandbox while the server was down; removing it");
                 inner.store.delete_session(&row.id)?;
                 continue;
-            }
+            };
             // Clients could not refresh while the server was down: give them one TTL to come back.
             let remaining_ms = (row.expires_at - now_ms).max(inner.config.ttl.as_millis() as i64);
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
             let sandbox = Sandbox {
                 socket: inner.backend.socket_path(&row.sandbox_id),
                 id: row.sandbox_id.clone(),
+                uid_base,
             };
             tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "adopted session");
             self.insert_live(
@@ -426,7 +428,7 @@ impl Sessions {
         else {
             return Ok(());
         };
-        let upper = self
+        let frozen = self
             .inner
             .backend
             .freeze(&session.sandbox.id)
@@ -435,11 +437,12 @@ impl Sessions {
         let base = self.custom_root(&custom).await?;
         let snapshots = self.inner.catalog.snapshots(custom.team_id);
         let started = Instant::now();
-        let saved =
-            tokio::task::spawn_blocking(move || snapshots.commit(&custom.id, &base.rootfs, &upper))
-                .await
-                .expect("saving a snapshot does not panic")
-                .map_err(|e| lost(e.to_string()))?;
+        let saved = tokio::task::spawn_blocking(move || {
+            snapshots.commit(&custom.id, &base.rootfs, &frozen.upper, frozen.owners)
+        })
+        .await
+        .expect("saving a snapshot does not panic")
+        .map_err(|e| lost(e.to_string()))?;
         tracing::info!(session = %session_id, environment = %session.environment, version = %saved.version, took = ?started.elapsed(), "edit session saved");
         Ok(())
     }
