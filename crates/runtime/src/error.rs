@@ -76,8 +76,8 @@ pub enum Error {
     },
 
     #[error(
-        "uid base {uid_base} is too high: its 65536 ids must end at or below {first}, where the \
-         sandboxes' own id ranges begin; use a lower uid base (the default is 100000)"
+        "uid base {uid_base} is too high: its 65536 ids and the 65536 user namespace owners \
+         after them must end at or below {first}, where the sandboxes' own id ranges begin; use a lower uid base (the default is 100000)"
     )]
     UidBaseOverlaps { uid_base: u32, first: u32 },
 

@@ -3,9 +3,10 @@
 //! buffer pages, epoll watches, fds in flight over unix sockets) are one sandbox's alone.
 //!
 //! The ranges are slots: slot `i` is host ids `RANGES_FIRST + i * ID_RANGE ..`, and owns the
-//! sandbox's user namespace as host uid `OWNERS_FIRST + i` (see `spawn::AsOwner`), a uid no
-//! sandbox maps. The whole layout sits above the storage range (`uid_base ..`, in which the
-//! environments' root filesystems are stored on disk) and below 2^32.
+//! sandbox's user namespace as host uid `uid_base + ID_RANGE + i` (see `spawn::AsOwner`): the
+//! band right above the storage range (`uid_base ..`, in which the environments' root
+//! filesystems are stored on disk), which `validate_uid_base` keeps free and no sandbox maps.
+//! The ranges sit above both, and below 2^32.
 //!
 //! A slot is taken with an exclusive `flock` on `<data>/ids/<slot>`, whose descriptor goes to
 //! the sandbox's PID 1 and stays open for its life: the slot is held exactly as long as the
@@ -30,15 +31,13 @@ use crate::error::{Error, IoContext};
 /// How many sandboxes can live at once on a host (over all servers and `sandbox-run`s sharing
 /// a data dir): 16384 ranges of 65536 ids, 2^30 host ids in all.
 pub(crate) const SLOTS: u32 = 16_384;
-/// Host uid owning slot 0's user namespace; slot `i`'s is this plus `i`.
-pub(crate) const OWNERS_FIRST: u32 = 1 << 24;
 /// First host id of slot 0's range. Ranges are aligned to `ID_RANGE`.
 pub(crate) const RANGES_FIRST: u32 = 1 << 25;
 
-// The layout, checked at compile time: owners below the ranges, ranges aligned (snapshots
-// translate owners by offset) and ending below 2^32 (u32::MAX is no id).
+// The layout, checked at compile time: one owner per slot in the owner band, ranges aligned
+// and ending below 2^32 (u32::MAX is no id).
 const _: () = {
-    assert!(OWNERS_FIRST + SLOTS <= RANGES_FIRST);
+    assert!(SLOTS <= ID_RANGE);
     assert!(RANGES_FIRST.is_multiple_of(ID_RANGE));
     assert!(RANGES_FIRST as u64 + SLOTS as u64 * ID_RANGE as u64 <= u32::MAX as u64);
 };
@@ -69,8 +68,8 @@ impl IdSlot {
     }
 
     /// Host uid owning the sandbox's user namespace.
-    pub fn owner(&self) -> u32 {
-        OWNERS_FIRST + self.index
+    pub fn owner(&self, uid_base: u32) -> u32 {
+        uid_base + ID_RANGE + self.index
     }
 }
 
@@ -78,16 +77,16 @@ pub(crate) fn range_base(index: u32) -> u32 {
     RANGES_FIRST + index * ID_RANGE
 }
 
-/// Refuses a storage range (`uid_base .. uid_base + ID_RANGE`) that overlaps the owners and
-/// ranges of the slots.
+/// Refuses a storage range and owner band (`uid_base .. uid_base + 2 * ID_RANGE`) that
+/// overlaps the slots' ranges.
 pub(crate) fn check_uid_base(uid_base: u32) -> Result<(), Error> {
     if uid_base
-        .checked_add(ID_RANGE)
-        .is_none_or(|end| end > OWNERS_FIRST)
+        .checked_add(2 * ID_RANGE)
+        .is_none_or(|end| end > RANGES_FIRST)
     {
         return Err(Error::UidBaseOverlaps {
             uid_base,
-            first: OWNERS_FIRST,
+            first: RANGES_FIRST,
         });
     }
     Ok(())
@@ -208,8 +207,8 @@ mod tests {
     #[test]
     fn storage_range_stays_below_the_slots() {
         assert!(check_uid_base(100_000).is_ok());
-        assert!(check_uid_base(OWNERS_FIRST - ID_RANGE).is_ok());
-        assert!(check_uid_base(OWNERS_FIRST - ID_RANGE + 1).is_err());
+        assert!(check_uid_base(RANGES_FIRST - 2 * ID_RANGE).is_ok());
+        assert!(check_uid_base(RANGES_FIRST - 2 * ID_RANGE + 1).is_err());
     }
 
     #[test]
@@ -223,7 +222,7 @@ mod tests {
         let b = other.allocate("bbbbbbbbbbbb").unwrap();
         assert_ne!(a.index, b.index);
         assert_ne!(a.base(), b.base());
-        assert_ne!(a.owner(), b.owner());
+        assert_ne!(a.owner(100_000), b.owner(100_000));
         let held = slots.held().unwrap();
         assert!(held.contains("aaaaaaaaaaaa") && held.contains("bbbbbbbbbbbb"));
         let freed = a.index;

@@ -107,8 +107,8 @@ const PROC_MASKED_FILES: &[&str] = &[
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi"];
 /// Caps on the kernel objects the user namespace's users may hold (`/proc/sys/user`), written
 /// while `/proc/sys` is still writable. They count per user of the sandbox, and every one of
-/// them is also charged to the host user owning the namespace (root), whose own limits are the
-/// host's: without these caps one sandbox could take the host's whole budget. Namespaces are
+/// them is also charged to the host user owning the namespace (one per sandbox), whose own
+/// limits are the host's: without these caps one sandbox could take the host's whole budget. Namespaces are
 /// refused by the seccomp filter too; the zeros say so to the kernel as well. Files a kernel
 /// lacks are skipped.
 const USER_NAMESPACE_CAPS: &[(&str, u32)] = &[

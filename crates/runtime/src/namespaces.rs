@@ -454,7 +454,7 @@ impl Inner {
             &self.config.init_program,
             [devnull.as_fd(), stdout, stderr, child_control.as_fd()],
             cgroup.as_ref().map(|fd| fd.as_fd()),
-            slot.owner(),
+            slot.owner(self.config.uid_base),
         )?;
         drop(child_control);
         if let Err(e) = self.release(id, &child, &mut control, rootfs, slot, run_dir, config) {
