@@ -5,8 +5,13 @@
 //! ```text
 //! <data>/environments/snapshots/<team-id>/<environment-id>/
 //!     (the layout of an image's directory, see images.rs: .lock, current, <version>/lock)
-//!     <version>/rootfs/   the environment's whole root, owned by the sandbox's mapped ids
+//!     <version>/rootfs/   the environment's whole root, owned by the storage range's ids
 //! ```
+//!
+//! Each sandbox runs in a host id range of its own, while roots are stored in one range
+//! (`uid_base + x` for the sandbox's id `x`) that every sandbox sees through an idmapped mount:
+//! the owners of the upper layer are translated back into the storage range ([`IdShift`]), so
+//! the saved version works for the next sandbox, whatever its range.
 //!
 //! A new version starts as the previous root hard-linked file by file (cheap: the data is
 //! shared), then the upper layer is applied the way overlayfs reads it: a whiteout (a 0/0
@@ -30,7 +35,56 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::images::{BUILD_PREFIX, Images, ROOTFS, create_version_lock, pin_version, remove_path};
-use crate::{Error, IoContext};
+use crate::{Error, ID_RANGE, IoContext};
+
+/// How the owners of a sandbox's upper layer translate to the storage range: host id
+/// `sandbox + x` becomes `storage + x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdShift {
+    /// Host id of the sandbox's id 0 (its range's first id).
+    pub sandbox: u32,
+    /// Host id the stored roots give the sandbox's id 0 (`uid_base`).
+    pub storage: u32,
+}
+
+impl IdShift {
+    /// The stored owner of a file the sandbox owns as host id `id`. The sandbox can only create
+    /// files owned by its own range; anything else (which would take a kernel bug) is stored as
+    /// the storage range's `nobody`, never as a host id outside the range.
+    pub fn stored(&self, id: u32) -> u32 {
+        match id.checked_sub(self.sandbox) {
+            Some(x) if x < ID_RANGE => self.storage + x,
+            _ => self.storage + NOBODY,
+        }
+    }
+
+    fn owner(&self, meta: &fs::Metadata) -> Owner {
+        Owner {
+            uid: self.stored(meta.uid()),
+            gid: self.stored(meta.gid()),
+        }
+    }
+}
+
+/// The overflow id (`nobody`) of a sandbox.
+const NOBODY: u32 = 65_534;
+
+/// The owner an entry gets in the new version.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    /// As it is: an entry of the base root, already in the storage range.
+    fn kept(meta: &fs::Metadata) -> Owner {
+        Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        }
+    }
+}
 
 /// Where snapshots live, below the data dir.
 const SNAPSHOTS_DIR: &str = "environments/snapshots";
@@ -90,9 +144,16 @@ impl Snapshots {
         }))
     }
 
-    /// Makes `base` (the root the edit session started from) with `upper` (what it wrote)
-    /// applied the current version of `id`, and removes the versions nothing uses any more.
-    pub fn commit(&self, id: &str, base: &Path, upper: &Path) -> Result<Snapshot, Error> {
+    /// Makes `base` (the root the edit session started from) with `upper` (what it wrote, owned
+    /// by the sandbox's range, which `owners` translates) applied the current version of `id`,
+    /// and removes the versions nothing uses any more.
+    pub fn commit(
+        &self,
+        id: &str,
+        base: &Path,
+        upper: &Path,
+        owners: IdShift,
+    ) -> Result<Snapshot, Error> {
         let lock = self.versions.lock(id)?;
         let version = new_version();
         let env_dir = self.versions.env_dir(id);
@@ -104,7 +165,7 @@ impl Snapshots {
                 .ctx("create", &build)?;
             let rootfs = build.join(ROOTFS);
             link_tree(base, &rootfs)?;
-            apply_upper(upper, &rootfs)?;
+            apply_upper(upper, &rootfs, owners)?;
             create_version_lock(&build)?;
             let dir = env_dir.join(&version);
             fs::rename(&build, &dir).ctx("rename", &build)?;
@@ -175,7 +236,7 @@ fn link_tree(from: &Path, to: &Path) -> Result<(), Error> {
     while let Some((source, target)) = pending.pop() {
         let meta = fs::symlink_metadata(&source).ctx("stat", &source)?;
         if meta.is_dir() {
-            make_dir_like(&target, &meta)?;
+            make_dir_like(&target, &meta, Owner::kept(&meta))?;
             for entry in fs::read_dir(&source).ctx("read", &source)? {
                 let name = entry.ctx("read", &source)?.file_name();
                 pending.push((source.join(&name), target.join(&name)));
@@ -188,9 +249,9 @@ fn link_tree(from: &Path, to: &Path) -> Result<(), Error> {
 }
 
 /// Applies an overlay upper directory to `root` (see the module docs).
-fn apply_upper(upper: &Path, root: &Path) -> Result<(), Error> {
+fn apply_upper(upper: &Path, root: &Path, owners: IdShift) -> Result<(), Error> {
     let meta = fs::symlink_metadata(upper).ctx("stat", upper)?;
-    set_owner_and_mode(root, &meta)?;
+    set_owner_and_mode(root, &meta, owners.owner(&meta))?;
     let mut pending = vec![(upper.to_owned(), root.to_owned())];
     while let Some((source_dir, target_dir)) = pending.pop() {
         for entry in fs::read_dir(&source_dir).ctx("read", &source_dir)? {
@@ -204,17 +265,17 @@ fn apply_upper(upper: &Path, root: &Path) -> Result<(), Error> {
                 let existing = fs::symlink_metadata(&target);
                 match existing {
                     Ok(m) if m.is_dir() && !is_opaque(&source)? => {
-                        set_owner_and_mode(&target, &meta)?;
+                        set_owner_and_mode(&target, &meta, owners.owner(&meta))?;
                     }
                     _ => {
                         remove_entry(&target)?;
-                        make_dir_like(&target, &meta)?;
+                        make_dir_like(&target, &meta, owners.owner(&meta))?;
                     }
                 }
                 pending.push((source, target));
             } else {
                 remove_entry(&target)?;
-                copy_entry(&source, &target, &meta)?;
+                copy_entry(&source, &target, &meta, owners.owner(&meta))?;
             }
         }
     }
@@ -258,35 +319,39 @@ fn remove_entry(path: &Path) -> Result<(), Error> {
     }
 }
 
-fn make_dir_like(path: &Path, meta: &fs::Metadata) -> Result<(), Error> {
+fn make_dir_like(path: &Path, meta: &fs::Metadata, owner: Owner) -> Result<(), Error> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(path)
         .ctx("create", path)?;
-    set_owner_and_mode(path, meta)
+    set_owner_and_mode(path, meta, owner)
 }
 
 /// Owner first: a change of owner clears set-id bits, which the mode then restores.
-fn set_owner_and_mode(path: &Path, meta: &fs::Metadata) -> Result<(), Error> {
-    lchown(path, Some(meta.uid()), Some(meta.gid())).ctx("change the owner of", path)?;
+fn set_owner_and_mode(path: &Path, meta: &fs::Metadata, owner: Owner) -> Result<(), Error> {
+    lchown(path, Some(owner.uid), Some(owner.gid)).ctx("change the owner of", path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(meta.mode() & 0o7777))
         .ctx("change the mode of", path)
 }
 
 /// Copies one non-directory entry of the upper layer to `target` (which does not exist).
-fn copy_entry(source: &Path, target: &Path, meta: &fs::Metadata) -> Result<(), Error> {
+fn copy_entry(
+    source: &Path,
+    target: &Path,
+    meta: &fs::Metadata,
+    owner: Owner,
+) -> Result<(), Error> {
     let kind = meta.file_type();
     if kind.is_symlink() {
         let points_to = fs::read_link(source).ctx("read", source)?;
         symlink(&points_to, target).ctx("create", target)?;
-        return lchown(target, Some(meta.uid()), Some(meta.gid()))
-            .ctx("change the owner of", target);
+        return lchown(target, Some(owner.uid), Some(owner.gid)).ctx("change the owner of", target);
     }
     if kind.is_fifo() {
         nix::unistd::mkfifo(target, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .map_err(std::io::Error::from)
             .ctx("create", target)?;
-        return set_owner_and_mode(target, meta);
+        return set_owner_and_mode(target, meta, owner);
     }
     if !kind.is_file() {
         // Sockets (and devices, which a sandbox cannot make) mean nothing in a saved root.
@@ -309,11 +374,16 @@ fn copy_entry(source: &Path, target: &Path, meta: &fs::Metadata) -> Result<(), E
         .set_accessed(meta.accessed().ctx("stat", source)?)
         .set_modified(meta.modified().ctx("stat", source)?);
     to.set_times(times).ctx("set the times of", target)?;
-    set_file_owner_and_mode(&to, target, meta)
+    set_file_owner_and_mode(&to, target, meta, owner)
 }
 
-fn set_file_owner_and_mode(file: &File, path: &Path, meta: &fs::Metadata) -> Result<(), Error> {
-    std::os::unix::fs::fchown(file, Some(meta.uid()), Some(meta.gid()))
+fn set_file_owner_and_mode(
+    file: &File,
+    path: &Path,
+    meta: &fs::Metadata,
+    owner: Owner,
+) -> Result<(), Error> {
+    std::os::unix::fs::fchown(file, Some(owner.uid), Some(owner.gid))
         .ctx("change the owner of", path)?;
     file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
         .ctx("change the mode of", path)
@@ -376,13 +446,34 @@ mod tests {
 
         let snapshots = Snapshots::new(&scratch.0.join("data"), 7);
         assert!(snapshots.current("env").unwrap().is_none());
-        let first = snapshots.commit("env", &base, &upper).unwrap();
+        // The sandbox ran in a range of its own; its files are stored from the storage base.
+        let owners = IdShift {
+            sandbox: 40 << 16,
+            storage: 100_000,
+        };
+        lchown(
+            upper.join("etc/added"),
+            Some((40 << 16) + 1000),
+            Some((40 << 16) + 7),
+        )
+        .unwrap();
+        lchown(upper.join("new-link"), Some((40 << 16) + 5), Some(40 << 16)).unwrap();
+        lchown(upper.join("opaque"), Some(40 << 16), Some(40 << 16)).unwrap();
+        let first = snapshots.commit("env", &base, &upper, owners).unwrap();
         let root = first.rootfs();
         assert_eq!(read(&root.join("etc/kept")).as_deref(), Some("kept"));
         assert_eq!(read(&root.join("etc/changed")).as_deref(), Some("new"));
         assert_eq!(read(&root.join("etc/added")).as_deref(), Some("added"));
-        let mode = fs::metadata(root.join("etc/added")).unwrap().mode() & 0o7777;
-        assert_eq!(mode, 0o751);
+        let added = fs::metadata(root.join("etc/added")).unwrap();
+        assert_eq!(added.mode() & 0o7777, 0o751);
+        assert_eq!((added.uid(), added.gid()), (101_000, 100_007));
+        let link = fs::symlink_metadata(root.join("new-link")).unwrap();
+        assert_eq!((link.uid(), link.gid()), (100_005, 100_000));
+        let opaque = fs::metadata(root.join("opaque")).unwrap();
+        assert_eq!((opaque.uid(), opaque.gid()), (100_000, 100_000));
+        // Written by the test (host root, outside the sandbox's range): stored as `nobody`.
+        let shown = fs::metadata(root.join("opaque/shown")).unwrap();
+        assert_eq!((shown.uid(), shown.gid()), (165_534, 165_534));
         assert!(!root.join("etc/deleted").exists());
         assert!(!root.join("opaque/hidden").exists());
         assert_eq!(read(&root.join("opaque/shown")).as_deref(), Some("shown"));
@@ -412,7 +503,7 @@ mod tests {
             fs::create_dir_all(upper2.join("etc")).unwrap();
             upper2.join("etc/kept")
         });
-        let second = snapshots.commit("env", &root, &upper2).unwrap();
+        let second = snapshots.commit("env", &root, &upper2, owners).unwrap();
         assert!(!second.rootfs().join("etc/kept").exists());
         assert_eq!(
             read(&second.rootfs().join("etc/added")).as_deref(),

@@ -75,6 +75,31 @@ pub enum Error {
         timeout: Duration,
     },
 
+    #[error(
+        "uid base {uid_base} is too high: its 65536 ids and the 65536 user namespace owners \
+         after them must end at or below {first}, where the sandboxes' own id ranges begin; use a lower uid base (the default is 100000)"
+    )]
+    UidBaseOverlaps { uid_base: u32, first: u32 },
+
+    #[error(
+        "no free host id range: all {slots} ranges are held by live sandboxes (their locks are \
+         in {dir}); destroy sandboxes before starting more"
+    )]
+    NoIdSlot { dir: PathBuf, slots: u32 },
+
+    #[error(
+        "this kernel or the data dir's filesystem cannot give sandboxes their own id ranges: \
+         {reason} (probed in {dir}). burrow needs idmapped mounts of the data dir's filesystem \
+         (Linux 5.12 or later; ext4, xfs, btrfs or tmpfs) and overlayfs accepting an idmapped \
+         lower layer in a user namespace (Linux 5.19 or later); move the data dir to such a \
+         filesystem or upgrade the kernel. burrow does not fall back to one id range shared by \
+         every sandbox"
+    )]
+    IdMappedMounts { dir: PathBuf, reason: String },
+
+    #[error("sandbox {id} is not running: its PID 1 is gone")]
+    Gone { id: String },
+
     #[error("cannot save what sandbox {id} wrote: {reason}")]
     Freeze { id: String, reason: String },
 

@@ -1,5 +1,5 @@
 //! The sandbox's side of the start, run by `burrow sandbox-init` as PID 1 of the new
-//! namespaces, as root of its user namespace (host uid `uid_base`).
+//! namespaces, as root of its user namespace (the first host id of the sandbox's own range).
 //!
 //! [`receive`] takes what the server sends on fd 3; [`enter`] builds the sandbox's root (a
 //! tmpfs-backed overlay of the environment's rootfs, read-only binds, fresh `/proc`, minimal
@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, SetupContext};
 
 /// The control socket from the server: a go byte (taken before the `execve`), one byte carrying
-/// the three directories of [`Dirs`] and, for an environment built as an image, its version's
-/// pin (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
+/// the three directories of [`Dirs`], the sandbox's id range lock and, for an environment built
+/// as an image, its version's pin (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
 /// The sandbox closes it once built, which tells the server that envd's socket is listening.
 pub const CONTROL_FD: RawFd = 3;
 
@@ -107,8 +107,8 @@ const PROC_MASKED_FILES: &[&str] = &[
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi"];
 /// Caps on the kernel objects the user namespace's users may hold (`/proc/sys/user`), written
 /// while `/proc/sys` is still writable. They count per user of the sandbox, and every one of
-/// them is also charged to the host user owning the namespace (root), whose own limits are the
-/// host's: without these caps one sandbox could take the host's whole budget. Namespaces are
+/// them is also charged to the host user owning the namespace (one per sandbox), whose own
+/// limits are the host's: without these caps one sandbox could take the host's whole budget. Namespaces are
 /// refused by the seccomp filter too; the zeros say so to the kernel as well. Files a kernel
 /// lacks are skipped.
 const USER_NAMESPACE_CAPS: &[(&str, u32)] = &[
@@ -152,12 +152,17 @@ const PROC_READ_ONLY: &[&str] = &["sys", "bus", "fs", "irq"];
 /// control socket, closed once the sandbox is built.
 #[derive(Debug)]
 pub struct Dirs {
-    /// The environment's root filesystem (the overlay's lower layer).
+    /// The environment's root filesystem (the overlay's lower layer): a detached, read-only
+    /// mount of it, idmapped by the server so that its owners (stored from `uid_base`) show as
+    /// this sandbox's ids (see `crate::idmap`).
     rootfs: OwnedFd,
     /// An empty directory to mount the sandbox's writable tmpfs on, in its own mount namespace.
     stage: OwnedFd,
     /// The sandbox's run directory, where envd's socket goes.
     run: OwnedFd,
+    /// The exclusive lock on the sandbox's host id range (see `crate::ids`): held until this
+    /// process, PID 1, exits, so the range is in use exactly as long as the sandbox lives.
+    ids: OwnedFd,
     /// A shared lock on the image version the rootfs belongs to (see
     /// `burrow_environments::images`): held until this process, PID 1, exits, so the version is
     /// in use exactly as long as the sandbox lives.
@@ -166,14 +171,20 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    /// Sends rootfs, stage and run directory, in this order, then the image's pin if there is
-    /// one, as [`receive`] takes them.
+    /// Sends rootfs, stage and run directory, in this order, the id range's lock, then the
+    /// image's pin if there is one, as [`receive`] takes them.
     pub(crate) fn send(
         socket: &impl AsRawFd,
         dirs: &[OwnedFd; 3],
+        ids: &OwnedFd,
         pin: Option<&OwnedFd>,
     ) -> nix::Result<()> {
-        let fds: Vec<RawFd> = dirs.iter().chain(pin).map(AsRawFd::as_raw_fd).collect();
+        let fds: Vec<RawFd> = dirs
+            .iter()
+            .chain([ids])
+            .chain(pin)
+            .map(AsRawFd::as_raw_fd)
+            .collect();
         let data = [std::io::IoSlice::new(b"d")];
         let rights = [ControlMessage::ScmRights(&fds)];
         sendmsg::<()>(socket.as_raw_fd(), &data, &rights, MsgFlags::empty(), None).map(drop)
@@ -187,7 +198,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
     let socket = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     let step = || "receive the directories from the server".to_owned();
     let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut space = nix::cmsg_space!([RawFd; 5]);
     let mut data = [std::io::IoSliceMut::new(&mut byte)];
     let message = recvmsg::<()>(
         socket.as_raw_fd(),
@@ -207,14 +218,18 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
             received.push(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
-    let pin = if received.len() == 4 {
+    let pin = if received.len() == 5 {
         received.pop()
     } else {
         None
     };
-    let [rootfs, stage, run]: [OwnedFd; 3] = received
+    let [rootfs, stage, run, ids]: [OwnedFd; 4] = received
         .try_into()
-        .map_err(|_| std::io::Error::other("expected three directories (and a pin, for an image)"))
+        .map_err(|_| {
+            std::io::Error::other(
+                "expected three directories, an id range lock (and a pin, for an image)",
+            )
+        })
         .step(step)?;
     let config =
         serde_json::from_reader(std::io::BufReader::new(&socket)).map_err(Error::Config)?;
@@ -222,6 +237,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
         rootfs,
         stage,
         run,
+        ids,
         pin,
         control: socket,
     };
@@ -243,12 +259,14 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
         rootfs,
         stage,
         run,
+        ids,
         pin,
         control,
     } = dirs;
-    // Never closed: the lock goes when this process (PID 1) exits, and with it the sandbox.
-    // The descriptor is close-on-exec, so no process the sandbox runs inherits it.
+    // Never closed: the locks go when this process (PID 1) exits, and with it the sandbox.
+    // The descriptors are close-on-exec, so no process the sandbox runs inherits them.
     std::mem::forget(pin);
+    std::mem::forget(ids);
     // Executed as /proc/self/exe, the process would be called "exe" in `ps`.
     nix::sys::prctl::set_name(c"burrow-init").step(|| "name the process".into())?;
 
@@ -340,13 +358,23 @@ fn writable_layer(size: u64, stage: &OwnedFd) -> Result<OwnedFd, Error> {
 
 /// Mounts the overlay (environment rootfs below, tmpfs above) and moves into it: from here on,
 /// relative paths are inside the sandbox's root, absolute ones still on the host.
+///
+/// The rootfs is a detached mount made by the host's root; overlayfs takes a lower layer from
+/// this mount namespace only, so it is attached on `lower` in the tmpfs first, and detached
+/// again once the overlay holds its own reference: nothing then reaches the shared root but
+/// the overlay (not even `/proc/1/fd/100`, the tmpfs kept open).
 fn mount_overlay(rootfs: &OwnedFd, layer: &OwnedFd) -> Result<(), Error> {
     let layer_path = fd_path(layer);
     let target = layer_path.join("root");
+    let lower = layer_path.join("lower");
+    fs::create_dir(&lower).step(|| format!("create {}", lower.display()))?;
+    let lower_dir = fs::File::open(&lower).step(|| format!("open {}", lower.display()))?;
+    new_mount::attach(rootfs, &OwnedFd::from(lower_dir))
+        .step(|| "attach the environment's idmapped root".into())?;
     // userxattr: overlay's own xattrs go to the user.* namespace, as required in a user namespace.
     let options = format!(
         "lowerdir={},upperdir={},workdir={},userxattr",
-        fd_path(rootfs).display(),
+        lower.display(),
         layer_path.join("upper").display(),
         layer_path.join("work").display()
     );
@@ -358,6 +386,8 @@ fn mount_overlay(rootfs: &OwnedFd, layer: &OwnedFd) -> Result<(), Error> {
         Some(options.as_str()),
     )
     .step(|| format!("mount the overlay root ({options})"))?;
+    umount2(&lower, MntFlags::MNT_DETACH)
+        .step(|| "detach the environment's root from the writable layer".into())?;
     chdir(&target).step(|| "enter the new root".into())
 }
 

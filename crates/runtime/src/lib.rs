@@ -7,6 +7,8 @@
 
 mod cgroup;
 mod error;
+mod idmap;
+mod ids;
 pub mod init;
 mod namespaces;
 mod ping;
@@ -73,6 +75,19 @@ pub struct Sandbox {
     pub id: String,
     /// envd's unix socket on the host (see ARCHITECTURE.md for what it serves).
     pub socket: PathBuf,
+    /// Host uid (and gid) of the sandbox's root: its ids 0..65536 map from here, a range no
+    /// other live sandbox has.
+    pub uid_base: u32,
+}
+
+/// What [`Backend::freeze`] gives: a frozen sandbox's writable layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// The upper layer of its overlay root, readable until the sandbox is destroyed.
+    pub upper: PathBuf,
+    /// How the owners of `upper` (host ids of the sandbox's own range) translate to the
+    /// storage range the environments' roots are kept in.
+    pub owners: burrow_environments::snapshots::IdShift,
 }
 
 /// What to start a sandbox from.
@@ -117,7 +132,11 @@ pub trait Backend: Send + Sync + 'static {
     /// it wrote (the upper layer of its overlay root), readable until it is destroyed: how an
     /// edit session's changes are saved. Works for sandboxes a previous run of the server
     /// started.
-    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<PathBuf, Error>>;
+    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Frozen, Error>>;
+
+    /// [`Sandbox::uid_base`] of a live sandbox, from its PID 1's id map: works for sandboxes a
+    /// previous run of the server started.
+    fn uid_base(&self, id: &str) -> Result<u32, Error>;
 }
 
 /// How [`Namespaces`] runs sandboxes on this node.
@@ -128,7 +147,9 @@ pub struct RuntimeConfig {
     pub data_dir: PathBuf,
     /// Names this node's cgroups (`burrow/<node-id>/`); 1 to 32 `[a-z0-9]`.
     pub node_id: String,
-    /// Host uid (and gid) of a sandbox's root; the sandbox's ids 0..65536 map from here.
+    /// Where the environments' root filesystems store a sandbox's ids on disk: id `x` is host id
+    /// `uid_base + x`. Each sandbox runs in a host id range of its own (see `ids.rs`), which
+    /// sees these files through an idmapped mount.
     pub uid_base: u32,
     /// The burrow binary, re-executed as `burrow sandbox-init` inside every sandbox.
     pub init_program: PathBuf,

@@ -13,6 +13,7 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use burrow_environments::snapshots::IdShift;
 use burrow_environments::{HOSTNAME, ID_RANGE};
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
@@ -24,11 +25,13 @@ use tokio::sync::watch;
 
 use crate::cgroup::{self, Cgroups};
 use crate::error::{Error, IoContext};
+use crate::idmap;
+use crate::ids::{IdSlot, IdSlots};
 use crate::init::{Dirs, Exec, InitConfig, LAYER_FD, SOCKET_NAME};
 use crate::spawn::{self, Child};
 use crate::{
-    Backend, BoxFuture, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric, ping,
-    valid_sandbox_id,
+    Backend, BoxFuture, Frozen, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric,
+    ping, valid_sandbox_id,
 };
 
 /// How long a destroy waits for the sandbox's processes to die.
@@ -68,6 +71,11 @@ struct Inner {
     /// `<data>/stage`: where each sandbox mounts its tmpfs, in its own mount namespace.
     stage: PathBuf,
     cgroups: Cgroups,
+    /// `<data>/ids`: the sandboxes' host id ranges.
+    ids: IdSlots,
+    /// Per slot, the user namespace that idmaps the stored roots to the slot's range: made once
+    /// per slot and server run (its map never changes), as making one takes a clone.
+    idmaps: Mutex<HashMap<u32, Arc<OwnedFd>>>,
     /// Each sandbox this process started.
     children: Mutex<HashMap<String, Own>>,
 }
@@ -77,6 +85,8 @@ struct Inner {
 struct Own {
     /// Its init's pid (not reaped before `exit` has the status, so never reused until then).
     pid: i32,
+    /// Its id range's slot.
+    slot: u32,
     /// The init's exit status, once it has died.
     exit: watch::Receiver<Option<ExitStatus>>,
 }
@@ -93,6 +103,7 @@ impl Namespaces {
             return Err(Error::NodeId(node.clone()));
         }
         burrow_environments::validate_uid_base(config.uid_base)?;
+        crate::ids::check_uid_base(config.uid_base)?;
         let data_dir = std::path::absolute(&config.data_dir).ctx("resolve", &config.data_dir)?;
         let socket = data_dir.join("run").join("x".repeat(12)).join(SOCKET_NAME);
         // sockaddr_un holds 108 bytes, the terminating NUL included.
@@ -115,6 +126,13 @@ impl Namespaces {
         }
         let cgroups = Cgroups::detect(node)?;
         cgroups.prepare_node()?;
+        let ids = IdSlots::new(&data_dir)?;
+        // Every start needs an idmapped root under its overlay: if this host cannot, say so
+        // now rather than at the first create. The probe holds a slot of its own, like a
+        // sandbox, while it uses the slot's ids.
+        let probe = ids.allocate("probe")?;
+        idmap::check_support(&data_dir.join("idmap-probe"), config.uid_base, probe.base())?;
+        drop(probe);
         config.data_dir = data_dir;
         Ok(Namespaces {
             inner: Arc::new(Inner {
@@ -122,6 +140,8 @@ impl Namespaces {
                 run_root,
                 stage,
                 cgroups,
+                ids,
+                idmaps: Mutex::new(HashMap::new()),
                 children: Mutex::new(HashMap::new()),
             }),
         })
@@ -163,9 +183,16 @@ impl Backend for Namespaces {
         Box::pin(self.inner.destroy(id))
     }
 
+    /// This node's cgroups, and the run directories no live sandbox holds: a run directory
+    /// whose sandbox holds its id range but has no cgroup of this node is another process's
+    /// (a `burrow sandbox-run` sharing the data dir, with a node id of its own), and stays.
+    /// The run directories are listed before the id ranges: a sandbox's range is held before
+    /// its run directory exists, so a live one is never missed.
     fn list(&self) -> Result<Vec<String>, Error> {
         let mut ids = self.inner.cgroups.ids()?;
-        ids.extend(cgroup::sandbox_dirs(&self.inner.run_root)?);
+        let run_dirs = cgroup::sandbox_dirs(&self.inner.run_root)?;
+        let held = self.inner.ids.held()?;
+        ids.extend(run_dirs.into_iter().filter(|id| !held.contains(id)));
         ids.sort();
         ids.dedup();
         Ok(ids)
@@ -194,8 +221,20 @@ impl Backend for Namespaces {
         self.inner.socket_path(id)
     }
 
-    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<PathBuf, Error>> {
+    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Frozen, Error>> {
         Box::pin(self.inner.freeze(id))
+    }
+
+    fn uid_base(&self, id: &str) -> Result<u32, Error> {
+        if !valid_sandbox_id(id) {
+            return Err(Error::SandboxId(id.to_owned()));
+        }
+        let pid = self
+            .inner
+            .cgroups
+            .init_pid(id)?
+            .ok_or_else(|| Error::Gone { id: id.to_owned() })?;
+        mapped_base(pid)
     }
 }
 
@@ -256,7 +295,7 @@ impl Inner {
         let inner = Arc::clone(self);
         let rootfs = environment.rootfs.clone();
         let limits = spec.limits;
-        let (id, child, control) = tokio::task::spawn_blocking(move || {
+        let (id, child, control, (slot, uid_base)) = tokio::task::spawn_blocking(move || {
             inner.start_blocking(&rootfs, pin.as_ref(), &limits, &config, stdio)
         })
         .await
@@ -273,12 +312,14 @@ impl Inner {
             id.clone(),
             Own {
                 pid,
+                slot,
                 exit: exit.clone(),
             },
         );
         let sandbox = Sandbox {
             socket: self.socket_path(&id),
             id,
+            uid_base,
         };
         if envd && let Err(e) = self.await_envd(&sandbox, exit, control).await {
             guard.id = None;
@@ -292,7 +333,10 @@ impl Inner {
         Ok(sandbox)
     }
 
-    /// The blocking part of a start: run directory, cgroups, clone, maps, config.
+    /// The blocking part of a start: id range, run directory, idmapped root, cgroups, clone,
+    /// maps, config. Returns the sandbox's id, its init, the control socket and its id range
+    /// (slot and first host id); the range's lock is PID 1's from here on.
+    #[allow(clippy::type_complexity)]
     fn start_blocking(
         &self,
         rootfs: &Path,
@@ -300,10 +344,13 @@ impl Inner {
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
-    ) -> Result<(String, Child, UnixStream), Error> {
-        let (id, run_dir) = self.new_run_dir()?;
-        match self.clone_into(&id, &run_dir, (rootfs, pin), limits, config, stdio) {
-            Ok((child, control)) => Ok((id, child, control)),
+    ) -> Result<(String, Child, UnixStream, (u32, u32)), Error> {
+        let (id, run_dir, slot) = self.new_run_dir()?;
+        let result = self.idmapped_root(rootfs, &slot).and_then(|tree| {
+            self.clone_into(&id, &run_dir, (&tree, pin), &slot, limits, config, stdio)
+        });
+        match result {
+            Ok((child, control)) => Ok((id, child, control, (slot.index, slot.base()))),
             Err(e) => {
                 let _ = self.cgroups.remove(&id);
                 let _ = fs::remove_dir_all(&run_dir);
@@ -312,9 +359,29 @@ impl Inner {
         }
     }
 
-    /// A fresh sandbox id and its run directory, writable by the sandbox's root (which creates
-    /// envd's socket there).
-    fn new_run_dir(&self) -> Result<(String, PathBuf), Error> {
+    /// A detached mount of `rootfs` that shows its stored owners as the slot's ids.
+    fn idmapped_root(&self, rootfs: &Path, slot: &IdSlot) -> Result<OwnedFd, Error> {
+        let cached = self.idmaps().get(&slot.index).cloned();
+        let userns = match cached {
+            Some(userns) => userns,
+            None => {
+                let made = idmap::user_namespace(self.config.uid_base, slot.base())?;
+                let made = Arc::new(made);
+                self.idmaps().insert(slot.index, Arc::clone(&made));
+                made
+            }
+        };
+        idmap::idmapped_tree(rootfs, userns.as_fd()).ctx("make an idmapped mount of", rootfs)
+    }
+
+    fn idmaps(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<OwnedFd>>> {
+        self.idmaps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A fresh sandbox id, its id range, and its run directory, writable by the sandbox's root
+    /// (which creates envd's socket there). The range is taken first, naming the sandbox: a
+    /// run directory whose sandbox holds no range is a leftover (see `list`).
+    fn new_run_dir(&self) -> Result<(String, PathBuf, IdSlot), Error> {
         let mut rng = rand::rng();
         loop {
             let id: String = (0..12)
@@ -322,27 +389,33 @@ impl Inner {
                     char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
                 })
                 .collect();
-            if self.cgroups.exists(&id) {
+            let dir = self.run_dir(&id);
+            if self.cgroups.exists(&id) || dir.exists() {
                 continue;
             }
-            let dir = self.run_dir(&id);
+            let slot = self.ids.allocate(&id)?;
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => {
-                    let base = self.config.uid_base;
+                    let base = slot.base();
                     chown(&dir, Some(base), Some(base)).ctx("chown", &dir)?;
-                    return Ok((id, dir));
+                    return Ok((id, dir, slot));
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    self.ids.recycle(slot.index);
+                    continue;
+                }
                 Err(e) => return Err(e).ctx("create", &dir),
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn clone_into(
         &self,
         id: &str,
         run_dir: &Path,
-        rootfs: (&Path, Option<&OwnedFd>),
+        rootfs: (&OwnedFd, Option<&OwnedFd>),
+        slot: &IdSlot,
         limits: &Limits,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
@@ -381,10 +454,10 @@ impl Inner {
             &self.config.init_program,
             [devnull.as_fd(), stdout, stderr, child_control.as_fd()],
             cgroup.as_ref().map(|fd| fd.as_fd()),
-            namespace_owner(self.config.uid_base, id),
+            slot.owner(self.config.uid_base),
         )?;
         drop(child_control);
-        if let Err(e) = self.release(id, &child, &mut control, rootfs, run_dir, config) {
+        if let Err(e) = self.release(id, &child, &mut control, rootfs, slot, run_dir, config) {
             return Err(match spawn::kill(child.pid) {
                 // It died on its own (a broken init program, say), which says more than the
                 // broken pipe it left.
@@ -399,18 +472,20 @@ impl Inner {
         Ok((child, control))
     }
 
-    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories (and the
-    /// rootfs's image pin) and config.
+    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories, its id
+    /// range's lock (and the rootfs's image pin) and config.
+    #[allow(clippy::too_many_arguments)]
     fn release(
         &self,
         id: &str,
         child: &Child,
         control: &mut UnixStream,
-        (rootfs, pin): (&Path, Option<&OwnedFd>),
+        (rootfs, pin): (&OwnedFd, Option<&OwnedFd>),
+        slot: &IdSlot,
         run_dir: &Path,
         config: &[u8],
     ) -> Result<(), Error> {
-        let map = format!("0 {} {ID_RANGE}\n", self.config.uid_base);
+        let map = format!("0 {} {ID_RANGE}\n", slot.base());
         for file in ["uid_map", "gid_map"] {
             let path = PathBuf::from(format!("/proc/{}/{file}", child.pid));
             fs::write(&path, &map).ctx("write", &path)?;
@@ -430,12 +505,12 @@ impl Inner {
             )
             .ctx("open", &inside)
         };
-        let dirs = [
-            open_dir(rootfs)?,
-            open_dir(&self.stage)?,
-            open_dir(run_dir)?,
-        ];
-        Dirs::send(control, &dirs, pin).ctx("send the directories to the sandbox in", run_dir)?;
+        let rootfs = rootfs
+            .try_clone()
+            .ctx("duplicate the idmapped root for", run_dir)?;
+        let dirs = [rootfs, open_dir(&self.stage)?, open_dir(run_dir)?];
+        Dirs::send(control, &dirs, &slot.lock, pin)
+            .ctx("send the directories to the sandbox in", run_dir)?;
         control
             .write_all(config)
             .and_then(|()| control.shutdown(std::net::Shutdown::Write))
@@ -529,9 +604,11 @@ impl Inner {
                 .await?;
         }
         // An init of ours is reaped by its watcher; wait for it so that no zombie outlives this.
-        let exit = self.children().remove(id).map(|own| own.exit);
-        if let Some(mut exit) = exit {
+        let own = self.children().remove(id);
+        if let Some(Own { mut exit, slot, .. }) = own {
             let _ = tokio::time::timeout(KILL_TIMEOUT, exit.wait_for(Option::is_some)).await;
+            // Its PID 1, which held the range's lock, is gone.
+            self.ids.recycle(slot);
         }
         loop {
             match self.cgroups.remove(id) {
@@ -554,7 +631,7 @@ impl Inner {
         }
     }
 
-    async fn freeze(&self, id: &str) -> Result<PathBuf, Error> {
+    async fn freeze(&self, id: &str) -> Result<Frozen, Error> {
         if !valid_sandbox_id(id) {
             return Err(Error::SandboxId(id.to_owned()));
         }
@@ -565,8 +642,12 @@ impl Inner {
         };
         let pid = self.cgroups.init_pid(id)?.ok_or_else(gone)?;
         let upper = PathBuf::from(format!("/proc/{pid}/fd/{LAYER_FD}/upper"));
+        let owners = IdShift {
+            sandbox: mapped_base(pid)?,
+            storage: self.config.uid_base,
+        };
         match fs::symlink_metadata(&upper) {
-            Ok(meta) if meta.is_dir() => Ok(upper),
+            Ok(meta) if meta.is_dir() => Ok(Frozen { upper, owners }),
             _ => Err(gone()),
         }
     }
@@ -587,15 +668,20 @@ impl Inner {
     }
 }
 
-/// The host uid that owns a sandbox's user namespace: one of the `ID_RANGE` uids right above the
-/// sandboxes' mapped ids, picked by the sandbox id, so that sandboxes share per-user kernel
-/// budgets (see `spawn::AsOwner`) with no one but the rare other sandbox whose id picks the same.
-fn namespace_owner(uid_base: u32, id: &str) -> u32 {
-    // FNV-1a: stable across runs and builds, unlike the standard library's hasher.
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    uid_base + ID_RANGE + (hash % u64::from(ID_RANGE)) as u32
+/// The host id that id 0 of process `pid`'s user namespace maps to (its first `uid_map` line,
+/// `0 <host> <count>`, as the server writes it).
+fn mapped_base(pid: i32) -> Result<u32, Error> {
+    let path = PathBuf::from(format!("/proc/{pid}/uid_map"));
+    let map = fs::read_to_string(&path).ctx("read", &path)?;
+    let mut fields = map.split_whitespace();
+    match (fields.next(), fields.next().map(str::parse)) {
+        (Some("0"), Some(Ok(base))) => Ok(base),
+        _ => Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("expected a map of id 0, found {map:?}"),
+        ))
+        .ctx("parse", &path),
+    }
 }
 
 /// Reaps the sandbox's init when it exits (its pidfd turns readable) and publishes its status.

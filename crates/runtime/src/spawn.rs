@@ -262,3 +262,164 @@ unsafe fn fail(message: &[u8]) -> ! {
         libc::_exit(127)
     }
 }
+
+/// Clones a child into the new namespaces `flags` (a user namespace, for `idmap`) that closes
+/// every descriptor and waits for its SIGKILL (see [`kill`]), so that the parent can give the
+/// namespaces maps and open them.
+pub(crate) fn clone_waiting(flags: libc::c_int) -> Result<Child, Error> {
+    // SAFETY: as in `clone_init`; the child only closes descriptors and pauses, both
+    // async-signal-safe, and never returns.
+    unsafe {
+        clone_plain(flags, || {
+            libc::syscall(libc::SYS_close_range, 0, libc::c_uint::MAX, 0);
+            loop {
+                libc::pause();
+            }
+        })
+    }
+}
+
+/// `clone3` into new namespaces `flags` with a pidfd; the child runs `child`, then exits.
+///
+/// # Safety
+/// `child` runs in a copy of a multi-threaded process: it may only make async-signal-safe
+/// system calls.
+unsafe fn clone_plain(flags: libc::c_int, child: impl FnOnce()) -> Result<Child, Error> {
+    let mut pidfd: RawFd = -1;
+    // SAFETY: clone_args is plain data; all-zero is its documented "nothing requested" value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = (flags | libc::CLONE_PIDFD) as u64;
+    args.pidfd = &mut pidfd as *mut RawFd as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    // SAFETY: clone3 without CLONE_VM or a stack behaves like fork; the child runs `child` (only
+    // async-signal-safe calls, the caller's promise) and exits, never returning into the
+    // parent's code. `args` and `pidfd` live across the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    match ret {
+        -1 => Err(Error::Clone(std::io::Error::last_os_error())),
+        0 => {
+            child();
+            // SAFETY: _exit is async-signal-safe and ends only this child.
+            unsafe { libc::_exit(127) }
+        }
+        pid => Ok(Child {
+            pid: pid as i32,
+            // SAFETY: CLONE_PIDFD stored a new descriptor, which nothing else owns.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        }),
+    }
+}
+
+/// The steps of the overlay probe, as the child reports the one that failed.
+const PROBE_STEPS: [&str; 7] = [
+    "become root of a new user namespace",
+    "enter the probe directory",
+    "mount a tmpfs for the overlay's upper layer",
+    "create the overlay's directories",
+    "attach the idmapped mount in the sandbox's mount namespace",
+    "mount an overlay on the idmapped mount (overlayfs must accept idmapped lower layers)",
+    "see the idmapped root owned by the sandbox's root",
+];
+
+/// Clones the child of `idmap::check_support`, in new user and mount namespaces: once it reads
+/// a byte on `report` (the parent has written its id maps), it enters `dir` (the probe
+/// directory, while it still is the host's root as far as permissions go: the data dir is
+/// closed to others; a descriptor would not do, as it belongs to the host's mount namespace),
+/// becomes root of its namespace, mounts a tmpfs on its `t`, attaches `tree` there as `lower` and mounts an overlay of it at
+/// `merged`, as a sandbox's init does, and checks the overlay's root is owned by its root. It
+/// writes the index of a failed step and its errno (5 bytes) on `report`, or [`PROBE_PASSED`].
+pub(crate) fn clone_overlay_probe(
+    dir: &Path,
+    tree: BorrowedFd<'_>,
+    report: BorrowedFd<'_>,
+) -> Result<Child, Error> {
+    let dir = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::Clone(std::io::Error::other("probe path contains NUL")))?;
+    let (tree, report) = (tree.as_raw_fd(), report.as_raw_fd());
+    let options = c"lowerdir=t/lower,upperdir=t/upper,workdir=t/work,userxattr";
+    // SAFETY: the child only makes raw system calls on the descriptors and static strings above,
+    // and ends in _exit.
+    unsafe {
+        clone_plain(libc::CLONE_NEWUSER | libc::CLONE_NEWNS, move || {
+            let fail = |step: u8| -> ! {
+                let errno = (*libc::__errno_location()).to_ne_bytes();
+                let message = [step, errno[0], errno[1], errno[2], errno[3]];
+                libc::write(report, message.as_ptr().cast(), message.len());
+                libc::_exit(1)
+            };
+            let mut go = 0u8;
+            if libc::read(report, (&mut go as *mut u8).cast(), 1) != 1 {
+                libc::_exit(1);
+            }
+            if libc::chdir(dir.as_ptr()) != 0 {
+                fail(1);
+            }
+            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+            {
+                fail(0);
+            }
+            let tmpfs = c"tmpfs".as_ptr();
+            if libc::mount(tmpfs, c"t".as_ptr(), tmpfs, 0, std::ptr::null()) != 0 {
+                fail(2);
+            }
+            for path in [c"t/lower", c"t/upper", c"t/work", c"t/merged"] {
+                if libc::mkdir(path.as_ptr(), 0o755) != 0 {
+                    fail(3);
+                }
+            }
+            let attached = libc::syscall(
+                libc::SYS_move_mount,
+                tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                c"t/lower".as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            if attached != 0 {
+                fail(4);
+            }
+            let overlay = c"overlay".as_ptr();
+            let merged = c"t/merged".as_ptr();
+            if libc::mount(overlay, merged, overlay, 0, options.as_ptr().cast()) != 0 {
+                fail(5);
+            }
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::stat(merged, &mut stat) != 0 {
+                fail(6);
+            }
+            if stat.st_uid != 0 {
+                *libc::__errno_location() = libc::EOVERFLOW;
+                fail(6);
+            }
+            libc::write(report, [PROBE_PASSED].as_ptr().cast(), 1);
+            libc::_exit(0)
+        })
+    }
+}
+
+/// What the probe child writes when every step worked.
+const PROBE_PASSED: u8 = u8::MAX;
+
+/// The failed step and its error from a probe child's report; `None` for success.
+pub(crate) fn parse_probe_report(report: &[u8]) -> Option<(&'static str, std::io::Error)> {
+    if report == [PROBE_PASSED] {
+        return None;
+    }
+    let Some((&step, errno)) = report.split_first() else {
+        let died = std::io::Error::other("the probe process ended without a report");
+        return Some(("probe", died));
+    };
+    let errno = i32::from_ne_bytes(errno.try_into().unwrap_or([0; 4]));
+    let step = PROBE_STEPS
+        .get(usize::from(step))
+        .copied()
+        .unwrap_or("probe");
+    Some((step, std::io::Error::from_raw_os_error(errno)))
+}

@@ -366,18 +366,19 @@ impl Sessions {
         let now_ms = unix_ms(SystemTime::now());
         let mut kept: Vec<String> = Vec::new();
         for (row, alive) in probed {
-            if !alive {
+            let uid_base = inner.backend.uid_base(&row.sandbox_id);
+            let (true, Ok(uid_base)) = (alive, uid_base) else {
                 tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "session lost its sandbox while the server was down; removing it");
                 let id = row.id.clone();
                 self.store(move |s| s.delete_session(&id)).await?;
                 continue;
-            }
+            };
             // Clients could not refresh while the server was down: give them one TTL to come back.
             let remaining_ms = (row.expires_at - now_ms).max(inner.config.ttl.as_millis() as i64);
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
             tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "adopted session");
             kept.push(row.sandbox_id.clone());
-            let mut live = self.adopted(&row, deadline);
+            let mut live = self.adopted(&row, uid_base, deadline);
             if row.edit_enabled && row.edit_base.is_none() {
                 live.edit_base = self.legacy_edit_base(&row).await.unwrap_or_else(|e| {
                     tracing::warn!(session = %row.id, "edit session's root unknown, its edits will not be saved: {e}");
@@ -395,12 +396,16 @@ impl Sessions {
                 Some(_) => Some(inner.saving.lock(row.team_id, &row.environment).await),
                 None => None,
             };
-            let live = self.adopted(&row, Instant::now());
-            let present = present.contains(&row.sandbox_id);
+            let live = match inner.backend.uid_base(&row.sandbox_id) {
+                Ok(uid_base) if present.contains(&row.sandbox_id) => {
+                    Some(self.adopted(&row, uid_base, Instant::now()))
+                }
+                _ => None,
+            };
             let this = self.clone();
             tokio::spawn(async move {
                 tracing::info!(session = %row.id, "finishing the end of a session the previous run left under way");
-                let ended = if present {
+                let ended = if let Some(live) = live {
                     this.end(&row.id, live).await
                 } else {
                     this.inner.metrics.edit_save_failures.inc();
@@ -443,7 +448,7 @@ impl Sessions {
     }
 
     /// The live state of a session a previous run of the server started.
-    fn adopted(&self, row: &SessionRow, deadline: Instant) -> Live {
+    fn adopted(&self, row: &SessionRow, uid_base: u32, deadline: Instant) -> Live {
         Live {
             team_id: row.team_id,
             environment: row.environment.clone(),
@@ -454,6 +459,7 @@ impl Sessions {
             sandbox: Sandbox {
                 socket: self.inner.backend.socket_path(&row.sandbox_id),
                 id: row.sandbox_id.clone(),
+                uid_base,
             },
             deadline,
         }
@@ -628,22 +634,23 @@ impl Sessions {
         if custom.template != session.template || now != base.snapshot {
             return Err(dropped("replaced or given another template"));
         }
-        let upper = self
+        let frozen = self
             .inner
             .backend
             .freeze(&session.sandbox.id)
             .await
             .map_err(|e| lost(e.to_string()))?;
-        self.check_edit_quota(session_id, session.team_id, &upper)
+        self.check_edit_quota(session_id, session.team_id, &frozen.upper)
             .await?;
         let snapshots = self.inner.catalog.snapshots(custom.team_id);
         let started = Instant::now();
         let root = base.rootfs.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || snapshots.commit(&custom.id, &root, &upper))
-                .await
-                .expect("saving a snapshot does not panic")
-                .map_err(|e| lost(e.to_string()))?;
+        let saved = tokio::task::spawn_blocking(move || {
+            snapshots.commit(&custom.id, &root, &frozen.upper, frozen.owners)
+        })
+        .await
+        .expect("saving a snapshot does not panic")
+        .map_err(|e| lost(e.to_string()))?;
         tracing::info!(session = %session_id, environment = %session.environment, version = %saved.version, took = ?started.elapsed(), "edit session saved");
         Ok(())
     }
