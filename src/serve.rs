@@ -1,5 +1,6 @@
 //! `burrow serve`: wires store, environments, runtime, sessions and the HTTP surface together.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -269,7 +270,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         disk_bytes: args.disk,
     };
     limits.validate()?;
-    let environment_limits = args
+    let environment_limits: HashMap<String, Limits> = args
         .environment_limits
         .iter()
         .map(|spec| environment_limits(spec, limits))
@@ -279,6 +280,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for name in args.pool_environments.iter().flatten() {
         if catalog.get(name).is_none() {
             anyhow::bail!("--pool-environments: unknown environment {name:?}; see `burrow env ls`");
+        }
+    }
+    for name in environment_limits.keys() {
+        if catalog.get(name).is_none() {
+            anyhow::bail!("--environment-limits: unknown environment {name:?}; see `burrow env ls`");
         }
     }
     for env in catalog.list() {
