@@ -232,7 +232,9 @@ impl Gateway {
 }
 
 /// Code in the sandbox is untrusted: it never sees the caller's burrow API key, whether the
-/// client sent it as the `X-API-Key` header or the `api_key` query parameter.
+/// client sent it as the `X-API-Key` header (any case: header names are case-insensitive, and
+/// every copy goes) or as the `api_key` query parameter, however its name is spelled: the API
+/// decodes parameter names before it looks for `api_key`, so `api%5Fkey` is a key too.
 fn strip_credentials(req: &mut Request) {
     req.headers_mut().remove("x-api-key");
     let Some(query) = req.uri().query() else {
@@ -240,7 +242,7 @@ fn strip_credentials(req: &mut Request) {
     };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| pair.split('=').next() != Some("api_key"))
+        .filter(|pair| !names_the_key(pair.split('=').next().unwrap_or("")))
         .collect();
     if kept.len() == query.split('&').count() {
         return;
@@ -254,6 +256,37 @@ fn strip_credentials(req: &mut Request) {
     if let Ok(uri) = rebuilt.parse() {
         *req.uri_mut() = uri;
     }
+}
+
+/// Whether a raw query parameter name is `api_key` once decoded as a form field name
+/// (percent-escapes, `+` for a space), in any case.
+fn names_the_key(raw: &str) -> bool {
+    let raw = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let escaped = (raw[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (raw[i], escaped) {
+            (_, Some(v)) => {
+                decoded.push(v);
+                i += 3;
+            }
+            (b'+', None) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(b"api_key")
 }
 
 /// A connection to envd whose answer has not come yet. If the wait is given up (deadline
@@ -357,10 +390,25 @@ mod tests {
             ("/file?path=/a", "/file?path=/a"),
             ("/file?api_keyx=1", "/file?api_keyx=1"),
             ("/", "/"),
+            // The API decodes names, so these are keys as well.
+            ("/file?api%5Fkey=k&path=/a", "/file?path=/a"),
+            ("/file?%61pi_key=k", "/file"),
+            ("/file?%61%70%69%5f%6b%65%79=k&x=1", "/file?x=1"),
+            ("/file?API_Key=k&x=1", "/file?x=1"),
+            // Every copy goes, not only the first.
+            ("/ws?api_key=a&x=1&api_key=b&api%5Fkey=c", "/ws?x=1"),
+            ("/ws?api_key&x=1", "/ws?x=1"),
+            // Not the key: kept as sent.
+            (
+                "/file?api_key2=1&%zz=2&api%5=3&api%+5Fkey=4",
+                "/file?api_key2=1&%zz=2&api%5=3&api%+5Fkey=4",
+            ),
         ] {
             let mut req = Request::builder()
                 .uri(uri)
                 .header("x-api-key", "e2b_secret")
+                .header("X-API-KEY", "e2b_second")
+                .header("X-Api-Key", "e2b_third")
                 .body(Body::empty())
                 .unwrap();
             strip_credentials(&mut req);
