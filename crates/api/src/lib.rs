@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 pub use error::ApiError;
-pub use server::{HEADER_TIMEOUT, serve};
+pub use server::{ConnectionCaps, HEADER_TIMEOUT, serve};
 
 /// Largest request body the API reads (session creates are tiny).
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -120,7 +120,7 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
                 .into_response();
             };
             app.gateway
-                .proxy(req, session_id, &route.socket, port)
+                .proxy(req, session_id, route.team_id, &route.socket, port)
                 .instrument(span)
                 .await
         }
