@@ -113,3 +113,26 @@ def test_a_body_that_does_not_arrive_in_time_is_408(server, team_key):
     assert (status, doc["code"]) == (408, 408), doc
     assert f"did not arrive within {BODY_TIMEOUT_S} s" in doc["message"], doc
     assert BODY_TIMEOUT_S - 1 <= took < BODY_TIMEOUT_S + 10, took
+
+
+def test_openapi_documents_what_every_route_can_answer(server):
+    r = server.request("GET", "/openapi.json")
+    assert r.status == 200, r
+    doc = r.json()
+    create = doc["paths"]["/sessions"]["post"]["responses"]
+    assert "--min-available-memory" in create["503"]["description"], create.get("503")
+    assert "--max-connections" in create["503"]["description"], create["503"]
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            answers = operation["responses"]
+            where = f"{method.upper()} {path}"
+            # The connection caps answer any route.
+            assert "503" in answers, where
+            if operation.get("security"):
+                assert {"400", "500"} <= set(answers), (where, sorted(answers))
+            if "requestBody" in operation:
+                assert {"400", "408", "413"} <= set(answers), (where, sorted(answers))
+            for status, answer in answers.items():
+                if int(status) >= 400:
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (where, status)

@@ -344,12 +344,13 @@ impl From<SessionInfo> for SessionBody {
     security(("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 201, description = "Session created", body = SessionBody),
-        (status = 400, description = "Bad body or unknown/unavailable environment, or an X-API-Key header that is not text", body = error::ErrorBody),
+        (status = 400, description = "Bad body (malformed, cut off) or unknown/unavailable environment, or an X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = error::ErrorBody),
         (status = 413, description = "Body too large", body = error::ErrorBody),
         (status = 429, description = "The server, or the caller's team, already runs as many sessions as it may", body = error::ErrorBody),
-        (status = 500, description = "The sandbox could not be started", body = error::ErrorBody)))]
+        (status = 500, description = "The sandbox could not be started; the message names an error id in the server log", body = error::ErrorBody),
+        (status = 503, description = "The host is low on memory (--min-available-memory), or the server has as many connections open, or waiting for their request heads, as it takes (--max-connections, --max-pending-heads); retry later", body = error::ErrorBody)))]
 async fn create_session(
     State(app): Shared,
     key: Key,
