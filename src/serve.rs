@@ -1,5 +1,6 @@
 //! `burrow serve`: wires store, environments, runtime, sessions and the HTTP surface together.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -95,6 +96,19 @@ pub struct ServeArgs {
     /// Connections through the gateway to one session's sandbox at once; more get 429.
     #[arg(long, default_value = "1024")]
     max_connections_per_session: NonZeroUsize,
+    /// Connections through the gateway to one team's sandboxes at once (websockets, tunnels,
+    /// requests in flight); more get 429. Default: half of --max-connections.
+    #[arg(long)]
+    max_connections_per_team: Option<NonZeroUsize>,
+    /// Connections that have not yet sent a complete request head; beyond it a new connection
+    /// must send its head at once or get 503. Default: a quarter of --max-connections.
+    #[arg(long)]
+    max_pending_heads: Option<NonZeroUsize>,
+    /// How long a request body proxied to a sandbox (an upload) may go without a byte; longer
+    /// gets 408, the connection is closed and the upload aborted. Websockets and tunnels are
+    /// exempt.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    body_idle_timeout: Duration,
     /// How long a sandbox's envd may take to accept a gateway connection, and to answer a
     /// request's head once it has the request; longer gets 504. Upgraded connections (websockets,
     /// tunnels) never time out.
@@ -155,6 +169,11 @@ fn max_connections(wanted: Option<NonZeroUsize>, fd_limit: u64, max_sessions: us
         }
         None => DEFAULT_MAX_CONNECTIONS.min(fits),
     }
+}
+
+/// `wanted`, or `1/divisor` of `max_connections` (at least one).
+fn share(wanted: Option<NonZeroUsize>, max_connections: usize, divisor: usize) -> usize {
+    wanted.map_or((max_connections / divisor).max(1), NonZeroUsize::get)
 }
 
 /// Parses `ENV:memory=…,pids=…,disk=…,cpu-weight=…` on top of the server-wide `base`.
@@ -267,6 +286,8 @@ fn raise_host_budgets() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let max_connections = max_connections(args.max_connections, fd_limit, args.max_sessions);
+    let max_connections_per_team = share(args.max_connections_per_team, max_connections, 2);
+    let max_pending_heads = share(args.max_pending_heads, max_connections, 4);
     raise_host_budgets();
     // Bind first: a start that cannot listen must not print (and so waste) the admin key.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -301,7 +322,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         disk_bytes: args.disk,
     };
     limits.validate()?;
-    let environment_limits = args
+    let environment_limits: HashMap<String, Limits> = args
         .environment_limits
         .iter()
         .map(|spec| environment_limits(spec, limits))
@@ -311,6 +332,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for name in args.pool_environments.iter().flatten() {
         if catalog.get(name).is_none() {
             anyhow::bail!("--pool-environments: unknown environment {name:?}; see `burrow env ls`");
+        }
+    }
+    for name in environment_limits.keys() {
+        if catalog.get(name).is_none() {
+            anyhow::bail!(
+                "--environment-limits: unknown environment {name:?}; see `burrow env ls`"
+            );
         }
     }
     for env in catalog.list() {
@@ -348,13 +376,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth_off,
         gateway: Gateway::new(GatewayLimits {
             connections_per_session: args.max_connections_per_session.get(),
+            connections_per_team: max_connections_per_team,
             envd_timeout: args.envd_timeout,
+            body_idle_timeout: args.body_idle_timeout,
         }),
     });
     tracing::info!(
         node = %node_id,
         data_dir = %data_dir.display(),
         max_connections,
+        max_connections_per_team,
+        max_pending_heads,
         "listening on http://{}; sandboxes at {{port}}-{{sessionID}}-{node_id}.{}",
         listener.local_addr()?,
         args.domain
@@ -367,7 +399,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     // Not `axum::serve`: burrow_api::serve also drops connections that do not send a request.
-    let server = burrow_api::serve(listener, burrow_api::app(state), max_connections, {
+    let caps = burrow_api::ConnectionCaps {
+        max_connections,
+        max_pending_heads,
+    };
+    let server = burrow_api::serve(listener, burrow_api::app(state), caps, {
         let stopping = stopping.clone();
         async move {
             stop_signal().await;
@@ -420,6 +456,14 @@ mod tests {
         // Asked for explicitly: taken as is.
         let ten = NonZeroUsize::new(10).unwrap();
         assert_eq!(max_connections(Some(ten), 256, 2000), 10);
+    }
+
+    #[test]
+    fn per_team_and_pending_caps_default_to_a_share_of_the_server_cap() {
+        assert_eq!(share(None, 16_384, 2), 8192);
+        assert_eq!(share(None, 16_384, 4), 4096);
+        assert_eq!(share(None, 1, 4), 1);
+        assert_eq!(share(NonZeroUsize::new(7), 16_384, 2), 7);
     }
 
     #[test]

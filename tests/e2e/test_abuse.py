@@ -446,7 +446,9 @@ def open_envd(srv, doc) -> EnvdClient:
 
 def test_server_wide_cap_answers_503_and_recovers(new_server):
     cap = 8
-    srv = new_server(ttl="120s", pool_size=0, extra_args=["--max-connections", str(cap)])
+    # One team takes every slot here: this is the server-wide cap, not the per-team one.
+    srv = new_server(ttl="120s", pool_size=0, extra_args=["--max-connections", str(cap),
+                                                          "--max-connections-per-team", str(cap)])
     key = srv.create_key("capped")
     doc = srv.create_session(key)
     host = sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"])

@@ -77,7 +77,7 @@ pub(crate) async fn list(
     State(app): Shared,
     key: Key,
 ) -> Result<Json<Vec<EnvironmentBody>>, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     let envs = app.sessions.custom_environments(&principal).await?;
     Ok(Json(envs.into_iter().map(Into::into).collect()))
 }
@@ -94,7 +94,7 @@ pub(crate) async fn create(
     key: Key,
     JsonBody(body): JsonBody<NewEnvironment>,
 ) -> Result<Json<EnvironmentBody>, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     let env = app
         .sessions
         .put_custom_environment(&principal, None, &body.template, body.title.as_deref())
@@ -117,7 +117,7 @@ pub(crate) async fn put(
     PathId(id): PathId,
     JsonBody(body): JsonBody<NewEnvironment>,
 ) -> Result<StatusCode, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     app.sessions
         .put_custom_environment(&principal, Some(&id), &body.template, body.title.as_deref())
         .await?;
@@ -130,7 +130,7 @@ async fn update(
     id: String,
     update: EnvironmentUpdate,
 ) -> Result<StatusCode, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     app.sessions
         .update_custom_environment(&principal, &id, update)
         .await?;
@@ -222,7 +222,7 @@ pub(crate) async fn delete(
     key: Key,
     PathId(id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     app.sessions
         .delete_custom_environment(&principal, &id)
         .await?;

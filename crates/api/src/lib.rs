@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 pub use error::ApiError;
-pub use server::{HEADER_TIMEOUT, serve};
+pub use server::{ConnectionCaps, HEADER_TIMEOUT, serve};
 
 /// Largest request body the API reads (session creates are tiny).
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -120,7 +120,7 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
                 .into_response();
             };
             app.gateway
-                .proxy(req, session_id, &route.socket, port)
+                .proxy(req, session_id, route.team_id, &route.socket, port)
                 .instrument(span)
                 .await
         }
@@ -171,12 +171,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Key {
 
 impl AppState {
     /// The principal of an optional key: `Ok(None)` without one, 401 for a bad one.
-    fn principal(&self, key: Key) -> Result<Option<Principal>, ApiError> {
+    async fn principal(&self, key: Key) -> Result<Option<Principal>, ApiError> {
         if let Some(p) = &self.auth_off {
             return Ok(Some(p.clone()));
         }
         let Some(key) = key.0 else { return Ok(None) };
-        match self.store.authenticate(&key)? {
+        match authenticate(&self.store, key).await? {
             Some(p) => Ok(Some(p)),
             None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -185,14 +185,25 @@ impl AppState {
         }
     }
 
-    fn require(&self, key: Key) -> Result<Principal, ApiError> {
-        self.principal(key)?.ok_or_else(|| {
+    async fn require(&self, key: Key) -> Result<Principal, ApiError> {
+        self.principal(key).await?.ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing API key: pass it as the api_key query parameter or the X-API-Key header",
             )
         })
     }
+}
+
+/// Looks `key` up in the store on the blocking pool: the query is synchronous SQLite, and on a
+/// runtime worker it would stall every other connection that worker serves while SQLite waits
+/// (on its lock, on the disk).
+async fn authenticate(store: &Arc<Store>, key: String) -> Result<Option<Principal>, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.authenticate(&key))
+        .await
+        .map_err(|e| ApiError::internal("the API key could not be checked", e))?
+        .map_err(ApiError::from)
 }
 
 /// A JSON body read with the API's size limit, every failure in the API's error shape.
@@ -230,7 +241,19 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
                 ),
             )
         })?
-        .map_err(|_| too_large())?;
+        .map_err(|e| {
+            if is_over_limit(&e) {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the request body could not be read ({e}): it is malformed (e.g. bad \
+                         chunked framing) or the connection ended before all of it arrived"
+                    ),
+                )
+            }
+        })?;
         let bad = |e: String| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -247,6 +270,19 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
             .map(JsonBody)
             .map_err(|e| bad(e.to_string()))
     }
+}
+
+/// Whether reading a body failed because it passed the limit, rather than because the client
+/// broke it off or framed it wrongly.
+fn is_over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An ID path segment (`{sessionID}`, `{codeSnippetID}`), rejected in the API's error shape
@@ -308,18 +344,19 @@ impl From<SessionInfo> for SessionBody {
     security(("api_key" = []), ("x_api_key" = [])),
     responses(
         (status = 201, description = "Session created", body = SessionBody),
-        (status = 400, description = "Bad body or unknown/unavailable environment, or an X-API-Key header that is not text", body = error::ErrorBody),
+        (status = 400, description = "Bad body (malformed, cut off) or unknown/unavailable environment, or an X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = error::ErrorBody),
         (status = 413, description = "Body too large", body = error::ErrorBody),
         (status = 429, description = "The server, or the caller's team, already runs as many sessions as it may", body = error::ErrorBody),
-        (status = 500, description = "The sandbox could not be started", body = error::ErrorBody)))]
+        (status = 500, description = "The sandbox could not be started; the message names an error id in the server log", body = error::ErrorBody),
+        (status = 503, description = "The host is low on memory (--min-available-memory), or the server has as many connections open, or waiting for their request heads, as it takes (--max-connections, --max-pending-heads); retry later", body = error::ErrorBody)))]
 async fn create_session(
     State(app): Shared,
     key: Key,
     JsonBody(body): JsonBody<NewSession>,
 ) -> Result<(StatusCode, Json<SessionBody>), ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     let info = app
         .sessions
         .create(&principal, &body.code_snippet_id, body.edit_enabled)
@@ -335,7 +372,7 @@ async fn create_session(
         (status = 400, description = "An X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody)))]
 async fn list_sessions(State(app): Shared, key: Key) -> Result<Json<Vec<SessionBody>>, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     Ok(Json(
         app.sessions
             .list(&principal)
@@ -359,7 +396,7 @@ async fn delete_session(
     key: Key,
     PathId(session_id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    let principal = app.require(key)?;
+    let principal = app.require(key).await?;
     app.sessions.delete(&session_id, &principal).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -379,7 +416,7 @@ async fn refresh_session(
     key: Key,
     PathId(session_id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    let principal = app.principal(key)?;
+    let principal = app.principal(key).await?;
     app.sessions
         .refresh(&session_id, principal.as_ref())
         .await?;
@@ -479,6 +516,61 @@ mod tests {
             0..10,
         )
         .prop_map(|pieces| pieces.concat())
+    }
+
+    /// A key lookup that waits (here: on the store, busy with a write that itself waits a
+    /// second for another connection's transaction) must leave the runtime's thread free for
+    /// other connections.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_key_lookup_does_not_stall_the_runtime() {
+        let dir = std::env::temp_dir().join(format!(
+            "burrow-api-auth-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("burrow.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let key = store.create_key("team", false).unwrap().key;
+        let blocker = rusqlite::Connection::open(&path).unwrap();
+        blocker
+            .execute_batch("BEGIN IMMEDIATE; UPDATE teams SET name = name;")
+            .unwrap();
+        let writer = std::thread::spawn({
+            let store = store.clone();
+            move || store.create_key("other", false).map(drop)
+        });
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            blocker.execute_batch("COMMIT").unwrap();
+        });
+        // Let the writer start waiting before the lookup.
+        std::thread::sleep(Duration::from_millis(200));
+        let gaps = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let ticker = tokio::spawn({
+            let (gaps, mut last) = (gaps.clone(), std::time::Instant::now());
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let gap = last.elapsed();
+                    last = std::time::Instant::now();
+                    let mut longest = gaps.lock().unwrap();
+                    *longest = (*longest).max(gap);
+                }
+            }
+        });
+        let principal = authenticate(&store, key).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ticker.abort();
+        let longest = *gaps.lock().unwrap();
+        writer.join().unwrap().unwrap();
+        release.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(principal.map(|p| p.team), Some("team".to_owned()));
+        assert!(
+            longest < Duration::from_millis(300),
+            "the runtime's thread was blocked for {longest:?} during a key lookup"
+        );
     }
 
     proptest! {

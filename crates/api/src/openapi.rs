@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use serde_json::Value;
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::AppState;
@@ -44,7 +46,7 @@ use crate::AppState;
         super::envs::EnvironmentTitle,
         super::envs::EnvironmentBody
     )),
-    modifiers(&KeySchemes)
+    modifiers(&KeySchemes, &CommonAnswers)
 )]
 pub(crate) struct Doc;
 
@@ -69,6 +71,65 @@ impl Modify for KeySchemes {
                 "The same key as a header; the query parameter wins when both are given",
             ))),
         );
+    }
+}
+
+/// Answers that do not come from one handler's logic but from what every request goes through,
+/// added to each operation that lacks them: the connection caps (`503`, any route), the key
+/// lookup (`400` for a header that is not text, `500` if the store fails), and the body reader
+/// (`400` malformed or cut off, `408` too slow, `413` too large).
+struct CommonAnswers;
+
+impl CommonAnswers {
+    fn add(operation: &mut Operation, status: u16, description: &str) {
+        let error = ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("Error")))
+            .build();
+        operation
+            .responses
+            .responses
+            .entry(status.to_string())
+            .or_insert_with(|| {
+                ResponseBuilder::new()
+                    .description(description)
+                    .content("application/json", error)
+                    .build()
+                    .into()
+            });
+    }
+}
+
+impl Modify for CommonAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                Self::add(
+                    operation,
+                    503,
+                    "The server has as many connections open, or waiting for their request \
+                     heads, as it takes (--max-connections, --max-pending-heads); retry shortly",
+                );
+                if operation.security.is_some() {
+                    Self::add(operation, 400, "An X-API-Key header that is not text");
+                    Self::add(
+                        operation,
+                        500,
+                        "The server failed; the message names an error id in the server log",
+                    );
+                }
+                if operation.request_body.is_some() {
+                    Self::add(operation, 408, "The body did not arrive in time");
+                    Self::add(operation, 413, "Body too large");
+                }
+            }
+        }
     }
 }
 

@@ -13,10 +13,20 @@
 //! connection beyond that is answered `503` in the API's error shape and closed, and the ones
 //! already open are left alone: the server keeps descriptors for its sandboxes and its database
 //! instead of failing with `EMFILE` at random places.
+//!
+//! Within that cap, connections that have not yet sent a complete request head are capped on
+//! their own (`max_pending_heads`, below `max_connections`): anyone can open a connection and
+//! send half a head, no key needed, and without this cap such connections alone could take every
+//! slot for [`HEADER_TIMEOUT`] at a time. Over it, a new connection is on probation: a client
+//! that sends its whole head at once, as every real client does, is served as usual; one that
+//! has not sent it within [`HEAD_GRACE`] gets `503` and is closed.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -27,10 +37,11 @@ use axum::serve::Listener;
 use burrow_gateway::Guarded;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 /// How long a connection may take to send a request's head, or stay idle between requests.
@@ -47,29 +58,77 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 const REFUSAL_BODY_LIMIT: usize = 64 << 10;
 /// The least time between two warnings that connections are being refused.
 const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// How long a connection that arrives while `max_pending_heads` connections wait for their
+/// heads has to send its own whole head.
+pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+/// Connections on probation at once; beyond these, a connection that arrives while the pending
+/// heads are at their cap is closed unanswered.
+const PROBATION: usize = 64;
+/// The largest head a connection on probation may send.
+const PROBATION_HEAD_LIMIT: usize = 64 << 10;
 
-/// Serves `app` on `listener`, at most `max_connections` connections at once, until `shutdown`
-/// resolves, then stops accepting, lets each connection finish the request it is serving, and
-/// returns once every connection is closed.
+/// The connection caps of [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionCaps {
+    /// Connections open at once, upgraded ones included.
+    pub max_connections: usize,
+    /// Connections that have not yet sent their first complete request head.
+    pub max_pending_heads: usize,
+}
+
+/// Rate-limited warnings about refused connections: one a minute at most, with the count.
+struct Refusals {
+    refused: u64,
+    warned: Option<Instant>,
+}
+
+impl Refusals {
+    fn count(&mut self, why: impl FnOnce() -> String) {
+        self.refused += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY)
+        {
+            tracing::warn!(refused = self.refused, "{}", why());
+            self.warned = Some(Instant::now());
+            self.refused = 0;
+        }
+    }
+}
+
+/// Serves `app` on `listener` within `caps` until `shutdown` resolves, then stops accepting,
+/// lets each connection finish the request it is serving, and returns once every connection is
+/// closed.
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
-    max_connections: usize,
+    caps: ConnectionCaps,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()>
 where
     L: Listener,
     L::Addr: std::fmt::Debug,
 {
+    let ConnectionCaps {
+        max_connections,
+        max_pending_heads,
+    } = caps;
     // Dropping `stop` tells every connection to shut down; each holds a `done` receiver, so
     // `done.closed()` resolves when the last connection has ended.
     let (stop, stopped) = watch::channel(());
     let (done, running) = watch::channel(());
     let open = Arc::new(Semaphore::new(max_connections));
+    let pending = Arc::new(Semaphore::new(max_pending_heads));
     let refusing = Arc::new(Semaphore::new(REFUSING));
-    // Refusals since the last warning, which reports them: one warning a minute at most.
-    let mut refused = 0u64;
-    let mut warned: Option<Instant> = None;
+    let probation = Arc::new(Semaphore::new(PROBATION));
+    let mut over_connections = Refusals {
+        refused: 0,
+        warned: None,
+    };
+    let mut over_heads = Refusals {
+        refused: 0,
+        warned: None,
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (io, remote) = tokio::select! {
@@ -77,15 +136,11 @@ where
             () = &mut shutdown => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            refused += 1;
-            if warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY) {
-                tracing::warn!(
-                    refused,
+            over_connections.count(|| {
+                format!(
                     "{max_connections} connections open (--max-connections): refusing new ones with 503"
-                );
-                warned = Some(Instant::now());
-                refused = 0;
-            }
+                )
+            });
             if let Ok(refusal) = refusing.clone().try_acquire_owned() {
                 tokio::spawn(async move {
                     refuse(io, max_connections).await;
@@ -97,33 +152,209 @@ where
         // The permit lives with the socket, so a websocket or tunnel upgraded from this
         // connection keeps it until it closes.
         let io = Guarded::new(io, permit);
-        let service = TowerToHyperService::new(app.clone());
-        let mut stopped = stopped.clone();
-        let running = running.clone();
-        tokio::spawn(async move {
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            let mut connection = std::pin::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = stopped.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(?remote, %error, "connection ended with an error");
+        let connection = Connection {
+            app: app.clone(),
+            stopped: stopped.clone(),
+            running: running.clone(),
+        };
+        match pending.clone().try_acquire_owned() {
+            Ok(head) => {
+                tokio::spawn(connection.serve(io, Some(head), remote));
             }
-            drop(running);
-        });
+            Err(_) => {
+                over_heads.count(|| {
+                    format!(
+                        "{max_pending_heads} connections wait for their request heads \
+                         (--max-pending-heads): new ones must send theirs at once"
+                    )
+                });
+                let Ok(slot) = probation.clone().try_acquire_owned() else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    connection.on_probation(io, remote, max_pending_heads).await;
+                    drop(slot);
+                });
+            }
+        }
     }
     drop(stop);
     drop(running);
     done.closed().await;
     Ok(())
+}
+
+/// What every served connection needs.
+struct Connection {
+    app: Router,
+    stopped: watch::Receiver<()>,
+    /// Held while the connection lives; see `serve`.
+    running: watch::Receiver<()>,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 (and upgrades) on `io`; `head`, a pending-heads permit, is given back
+    /// when the first request head has arrived.
+    async fn serve<I>(
+        mut self,
+        io: I,
+        head: Option<OwnedSemaphorePermit>,
+        remote: impl std::fmt::Debug,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let app = TowerToHyperService::new(self.app.clone());
+        let head = Mutex::new(head);
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            drop(head.lock().unwrap_or_else(PoisonError::into_inner).take());
+            app.call(req)
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut connection = std::pin::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = self.stopped.changed() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(?remote, %error, "connection ended with an error");
+        }
+        drop(self.running);
+    }
+
+    /// Serves `io` if its whole first head arrives within [`HEAD_GRACE`]; otherwise answers
+    /// `503` and closes it.
+    async fn on_probation<I>(
+        self,
+        mut io: I,
+        remote: impl std::fmt::Debug,
+        max_pending_heads: usize,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut head = Vec::new();
+        let complete = tokio::time::timeout(HEAD_GRACE, async {
+            let mut buf = [0u8; 4096];
+            while head.len() < PROBATION_HEAD_LIMIT {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                if head_is_complete(&head) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if complete {
+            self.serve(Prefixed { head, read: 0, io }, None, remote)
+                .await;
+            return;
+        }
+        let answer = too_many_heads(max_pending_heads);
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+            io.write_all(&answer).await?;
+            io.shutdown().await
+        })
+        .await;
+    }
+}
+
+/// Whether `buf` holds a whole request head: its blank line, past any blank lines before the
+/// request line (which HTTP/1.1 servers skip).
+fn head_is_complete(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    rest.windows(4).any(|w| w == b"\r\n\r\n") || rest.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The raw `503` for a connection on probation that did not send its head in time.
+fn too_many_heads(max_pending_heads: usize) -> Vec<u8> {
+    let body = serde_json::json!({
+        "code": 503,
+        "message": format!(
+            "the server has its maximum of {max_pending_heads} connections waiting for a request \
+             head (--max-pending-heads), and this one did not send its head within {} s: send \
+             each request whole, or retry shortly",
+            HEAD_GRACE.as_secs()
+        ),
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A stream whose first bytes, already read from it, are given again.
+struct Prefixed<I> {
+    head: Vec<u8>,
+    read: usize,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.read);
+            buf.put_slice(&this.head[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.head.len() {
+                this.head = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Answers one request on `io` with `503` and closes it.
@@ -199,7 +430,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/health", get(|| async { "{}" }));
-        tokio::spawn(serve(listener, app, 2, std::future::pending()));
+        let caps = ConnectionCaps {
+            max_connections: 2,
+            max_pending_heads: 2,
+        };
+        tokio::spawn(serve(listener, app, caps, std::future::pending()));
         let mut held = Vec::new();
         for _ in 0..2 {
             let mut conn = TcpStream::connect(addr).await.unwrap();
@@ -229,5 +464,75 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn answer(conn: &mut TcpStream) -> String {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn half_sent_heads_cannot_take_the_connections_of_whole_requests() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/health", get(|| async { "{}" }));
+        let caps = ConnectionCaps {
+            max_connections: 8,
+            max_pending_heads: 2,
+        };
+        tokio::spawn(serve(listener, app, caps, std::future::pending()));
+        // Six connections send half a head and stop: two wait as pending heads, the other four
+        // are on probation.
+        let mut halves = Vec::new();
+        for _ in 0..6 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            halves.push(conn);
+        }
+        // A whole request is served even now, on probation and without waiting out the grace.
+        let start = Instant::now();
+        let mut whole = TcpStream::connect(addr).await.unwrap();
+        whole
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let served = answer(&mut whole).await;
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+        assert!(start.elapsed() < HEAD_GRACE, "{:?}", start.elapsed());
+        // The four on probation get 503 once the grace is over, and are closed.
+        let mut refused = 0;
+        for conn in &mut halves[2..] {
+            let got = answer(conn).await;
+            assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+            assert!(got.contains("--max-pending-heads"), "{got}");
+            refused += 1;
+        }
+        assert_eq!(refused, 4);
+        // The two pending ones may still finish their heads.
+        for conn in &mut halves[..2] {
+            conn.write_all(b"Connection: close\r\n\r\n").await.unwrap();
+            let got = answer(conn).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        }
+    }
+
+    #[test]
+    fn heads_are_complete_at_their_blank_line() {
+        assert!(head_is_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(head_is_complete(b"\r\nGET / HTTP/1.1\nHost: x\n\n"));
+        assert!(!head_is_complete(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!head_is_complete(b"\r\n\r\n\r\nGET / HT"));
     }
 }

@@ -7,10 +7,12 @@
 //! exchange into a byte pipe in both directions.
 //!
 //! A hostile or broken party on either side must not hold the server: each session gets at most
-//! [`Limits::connections_per_session`] connections at once, and envd must accept a connection
-//! and answer a request's head within [`Limits::envd_timeout`] (a frozen or stopped sandbox gets
-//! its clients a `504`, not a hang). Upgraded connections have no deadline: an idle websocket is
-//! never closed.
+//! [`Limits::connections_per_session`] connections at once and each team at most
+//! [`Limits::connections_per_team`] (so one tenant cannot take the whole server's connection
+//! budget), envd must accept a connection and answer a request's head within
+//! [`Limits::envd_timeout`] (a frozen or stopped sandbox gets its clients a `504`, not a hang), and
+//! a request body must not go [`Limits::body_idle_timeout`] without a byte (`408`, and the upload
+//! to envd is aborted). Upgraded connections have no deadline: an idle websocket is never closed.
 
 mod deadline;
 mod guarded;
@@ -101,6 +103,11 @@ pub struct Limits {
     /// Connections through the gateway to one session's sandbox at once (websockets, tunnels and
     /// requests in flight); more get `429`.
     pub connections_per_session: usize,
+    /// The same, summed over all the sessions of one team.
+    pub connections_per_team: usize,
+    /// How long a request body may go without a byte from the client; longer gets `408` and the
+    /// connection is closed. Never applied to upgraded connections.
+    pub body_idle_timeout: Duration,
     /// How long envd may take to accept a connection, and to answer the head of a request once
     /// it has the request; longer gets `504`. Never applied to an upgraded connection.
     pub envd_timeout: Duration,
@@ -109,16 +116,31 @@ pub struct Limits {
 /// Proxies requests to sessions' sandboxes within [`Limits`].
 pub struct Gateway {
     limits: Limits,
+    /// Connections per session.
     slots: Slots,
+    /// Connections per team (by team id).
+    team_slots: Slots,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ProxyError {
     #[error(
-        "session '{session}' already has {limit} connections open through the gateway: close some \
-         (websockets, tunnels) before opening more"
+        "session '{session}' already has {limit} connections open through the gateway, its limit \
+         (the operator sets it with --max-connections-per-session): close some (websockets, \
+         tunnels) before opening more"
     )]
     TooMany { session: String, limit: usize },
+    #[error(
+        "your team already has {0} connections open through the gateway to its sessions, its \
+         limit (the operator sets it with --max-connections-per-team): close some (websockets, \
+         tunnels) before opening more"
+    )]
+    TeamTooMany(usize),
+    #[error(
+        "the request body made no progress for {0:?} (the operator sets this with \
+         --body-idle-timeout): the upload was aborted; send bodies without long pauses"
+    )]
+    BodyStalled(Duration),
     #[error("the session's sandbox is not answering: {0}")]
     Connect(std::io::Error),
     #[error(
@@ -134,7 +156,10 @@ enum ProxyError {
 impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
-            ProxyError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooMany { .. } | ProxyError::TeamTooMany(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectTimeout(_) | ProxyError::AnswerTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -153,6 +178,11 @@ fn error(e: &ProxyError) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let ProxyError::BodyStalled(_) = e {
+        // The rest of the body may still come: the connection is no use for another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
 }
 
@@ -161,19 +191,22 @@ impl Gateway {
         Gateway {
             limits,
             slots: Slots::default(),
+            team_slots: Slots::default(),
         }
     }
 
-    /// Forwards `req` to `port` of `session`'s sandbox, whose envd listens on `socket`.
+    /// Forwards `req` to `port` of `session`'s sandbox, whose envd listens on `socket`; the
+    /// connection counts against the session and its `team` for as long as it lives.
     pub async fn proxy(
         &self,
         mut req: Request,
         session: &str,
+        team: i64,
         socket: &Path,
         port: u16,
     ) -> Response {
         strip_credentials(&mut req);
-        match self.try_proxy(req, session, socket, port).await {
+        match self.try_proxy(req, session, team, socket, port).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(error = %e, "gateway refused or failed");
@@ -186,13 +219,20 @@ impl Gateway {
         &self,
         req: Request,
         session: &str,
+        team: i64,
         socket: &Path,
         port: u16,
     ) -> Result<Response, ProxyError> {
         let Limits {
             connections_per_session: limit,
+            connections_per_team: team_limit,
             envd_timeout,
+            body_idle_timeout,
         } = self.limits;
+        let team_slot = self
+            .team_slots
+            .take(&team.to_string(), team_limit)
+            .ok_or(ProxyError::TeamTooMany(team_limit))?;
         let slot = self
             .slots
             .take(session, limit)
@@ -204,10 +244,13 @@ impl Gateway {
             .await
             .map_err(|_| ProxyError::ConnectTimeout(envd_timeout))?
             .map_err(ProxyError::Connect)?;
-        // The slot lives with the socket: through hyper's connection and any upgrade after it.
-        let io = TokioIo::new(Guarded::new(stream, slot));
+        // The slots live with the socket: through hyper's connection and any upgrade after it.
+        let io = TokioIo::new(Guarded::new(stream, (slot, team_slot)));
+        // Only a plain request's body is bounded: an upgrade request has none worth the name, and
+        // what follows its `101` is not a body.
+        let idle = (!wants_upgrade(&req)).then_some(body_idle_timeout);
         if port == ENVD_PORT {
-            return forward(io, req, Some(envd_timeout)).await;
+            return forward(io, req, Some(envd_timeout), idle).await;
         }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         let conn = Unanswered::new(tokio::spawn(conn.with_upgrades()));
@@ -227,12 +270,14 @@ impl Gateway {
         let upgraded = hyper::upgrade::on(&mut answer).await?;
         // The answer now comes from the program listening in the sandbox, which may take as long
         // as it likes (long polls): no deadline.
-        forward(upgraded, req, None).await
+        forward(upgraded, req, None, idle).await
     }
 }
 
 /// Code in the sandbox is untrusted: it never sees the caller's burrow API key, whether the
-/// client sent it as the `X-API-Key` header or the `api_key` query parameter.
+/// client sent it as the `X-API-Key` header (any case: header names are case-insensitive, and
+/// every copy goes) or as the `api_key` query parameter, however its name is spelled: the API
+/// decodes parameter names before it looks for `api_key`, so `api%5Fkey` is a key too.
 fn strip_credentials(req: &mut Request) {
     req.headers_mut().remove("x-api-key");
     let Some(query) = req.uri().query() else {
@@ -240,7 +285,7 @@ fn strip_credentials(req: &mut Request) {
     };
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| pair.split('=').next() != Some("api_key"))
+        .filter(|pair| !names_the_key(pair.split('=').next().unwrap_or("")))
         .collect();
     if kept.len() == query.split('&').count() {
         return;
@@ -254,6 +299,37 @@ fn strip_credentials(req: &mut Request) {
     if let Ok(uri) = rebuilt.parse() {
         *req.uri_mut() = uri;
     }
+}
+
+/// Whether a raw query parameter name is `api_key` once decoded as a form field name
+/// (percent-escapes, `+` for a space), in any case.
+fn names_the_key(raw: &str) -> bool {
+    let raw = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let escaped = (raw[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (raw[i], escaped) {
+            (_, Some(v)) => {
+                decoded.push(v);
+                i += 3;
+            }
+            (b'+', None) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(b"api_key")
 }
 
 /// A connection to envd whose answer has not come yet. If the wait is given up (deadline
@@ -290,12 +366,14 @@ fn wants_upgrade(req: &Request) -> bool {
 }
 
 /// Sends the client's request over `io` and relays the answer, whose head must come within
-/// `deadline` (see [`deadline`]) if there is one; on `101` pipes the two upgraded connections
-/// into each other until either side closes, however long they stay idle.
+/// `deadline` (see [`deadline`]) if there is one, while the request body gets no more than
+/// `idle` between two pieces; on `101` pipes the two upgraded connections into each other until
+/// either side closes, however long they stay idle.
 async fn forward<I>(
     io: I,
     mut req: Request,
     deadline: Option<Duration>,
+    idle: Option<Duration>,
 ) -> Result<Response, ProxyError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -309,14 +387,19 @@ where
     let conn = Unanswered::new(conn);
     let client_side = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let (body, progress) = deadline::watch(body);
+    let (body, progress) = deadline::watch(body, idle);
     let answer = sender.send_request(Request::from_parts(parts, body));
-    let mut resp = match deadline {
+    let answer = match deadline {
         Some(limit) => progress
             .within(limit, answer)
             .await
-            .ok_or(ProxyError::AnswerTimeout(limit))??,
-        None => answer.await?,
+            .ok_or(ProxyError::AnswerTimeout(limit))?,
+        None => answer.await,
+    };
+    let mut resp = match (answer, idle) {
+        (Ok(resp), _) => resp,
+        (Err(_), Some(idle)) if progress.stalled() => return Err(ProxyError::BodyStalled(idle)),
+        (Err(e), _) => return Err(e.into()),
     };
     conn.answered();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -357,10 +440,25 @@ mod tests {
             ("/file?path=/a", "/file?path=/a"),
             ("/file?api_keyx=1", "/file?api_keyx=1"),
             ("/", "/"),
+            // The API decodes names, so these are keys as well.
+            ("/file?api%5Fkey=k&path=/a", "/file?path=/a"),
+            ("/file?%61pi_key=k", "/file"),
+            ("/file?%61%70%69%5f%6b%65%79=k&x=1", "/file?x=1"),
+            ("/file?API_Key=k&x=1", "/file?x=1"),
+            // Every copy goes, not only the first.
+            ("/ws?api_key=a&x=1&api_key=b&api%5Fkey=c", "/ws?x=1"),
+            ("/ws?api_key&x=1", "/ws?x=1"),
+            // Not the key: kept as sent.
+            (
+                "/file?api_key2=1&%zz=2&api%5=3&api%+5Fkey=4",
+                "/file?api_key2=1&%zz=2&api%5=3&api%+5Fkey=4",
+            ),
         ] {
             let mut req = Request::builder()
                 .uri(uri)
                 .header("x-api-key", "e2b_secret")
+                .header("X-API-KEY", "e2b_second")
+                .header("X-Api-Key", "e2b_third")
                 .body(Body::empty())
                 .unwrap();
             strip_credentials(&mut req);

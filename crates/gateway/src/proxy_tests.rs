@@ -48,10 +48,19 @@ fn socket(name: &str) -> Socket {
     }
 }
 
+/// How long a test's upload may pause.
+const IDLE: Duration = Duration::from_millis(1500);
+
 fn gateway(connections_per_session: usize) -> Gateway {
+    team_gateway(connections_per_session, 1000)
+}
+
+fn team_gateway(connections_per_session: usize, connections_per_team: usize) -> Gateway {
     Gateway::new(Limits {
         connections_per_session,
+        connections_per_team,
         envd_timeout: LIMIT,
+        body_idle_timeout: IDLE,
     })
 }
 
@@ -100,7 +109,7 @@ async fn a_silent_envd_gets_504_in_time() {
     let gateway = gateway(8);
     for port in [ENVD_PORT, 8080] {
         let start = Instant::now();
-        let resp = gateway.proxy(get("/ws"), "s1", &path, port).await;
+        let resp = gateway.proxy(get("/ws"), "s1", 1, &path, port).await;
         let took = start.elapsed();
         let (status, message) = status_and_message(resp).await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{message}");
@@ -114,7 +123,7 @@ async fn a_silent_envd_gets_504_in_time() {
 async fn a_missing_envd_gets_502() {
     let gateway = gateway(8);
     let resp = gateway
-        .proxy(get("/ws"), "s1", &socket("missing"), ENVD_PORT)
+        .proxy(get("/ws"), "s1", 1, &socket("missing"), ENVD_PORT)
         .await;
     let (status, message) = status_and_message(resp).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{message}");
@@ -129,19 +138,19 @@ async fn a_session_over_its_cap_gets_429_and_others_do_not() {
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let (gateway, path) = (gateway.clone(), path.to_path_buf());
-            tokio::spawn(async move { gateway.proxy(get("/ws"), "s1", &path, ENVD_PORT).await })
+            tokio::spawn(async move { gateway.proxy(get("/ws"), "s1", 1, &path, ENVD_PORT).await })
         })
         .collect();
     while gateway.slots.open("s1") < 2 {
         tokio::task::yield_now().await;
     }
     let (status, message) =
-        status_and_message(gateway.proxy(get("/ws"), "s1", &path, ENVD_PORT).await).await;
+        status_and_message(gateway.proxy(get("/ws"), "s1", 1, &path, ENVD_PORT).await).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{message}");
     assert!(message.contains("2 connections"), "{message}");
     // Another session is not affected (its envd is silent too, hence the 504).
     let (status, _) =
-        status_and_message(gateway.proxy(get("/ws"), "s2", &path, ENVD_PORT).await).await;
+        status_and_message(gateway.proxy(get("/ws"), "s2", 1, &path, ENVD_PORT).await).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     for w in waiting {
         assert_eq!(w.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
@@ -197,7 +206,7 @@ async fn a_slow_upload_is_not_cut_off() {
         }
     });
     let gateway = gateway(8);
-    let resp = gateway.proxy(upload(rx), "s1", &path, ENVD_PORT).await;
+    let resp = gateway.proxy(upload(rx), "s1", 1, &path, ENVD_PORT).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"9");
@@ -227,9 +236,88 @@ async fn an_envd_that_stops_reading_an_upload_gets_504() {
     });
     let gateway = gateway(8);
     let start = Instant::now();
-    let resp = gateway.proxy(upload(rx), "s1", &path, ENVD_PORT).await;
+    let resp = gateway.proxy(upload(rx), "s1", 1, &path, ENVD_PORT).await;
     let (status, message) = status_and_message(resp).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{message}");
     assert!(start.elapsed() < LIMIT * 3, "{:?}", start.elapsed());
+    all_closed(&gateway, "s1").await;
+}
+
+#[tokio::test]
+async fn a_team_over_its_cap_gets_429_and_other_teams_do_not() {
+    let path = socket("team-cap");
+    silent_envd(&path);
+    let gateway = Arc::new(team_gateway(8, 3));
+    // Team 1 holds three connections, spread over two of its sessions.
+    let waiting: Vec<_> = ["s1", "s1", "s2"]
+        .into_iter()
+        .map(|session| {
+            let (gateway, path) = (gateway.clone(), path.to_path_buf());
+            tokio::spawn(async move { gateway.proxy(get("/ws"), session, 1, &path, 8080).await })
+        })
+        .collect();
+    while gateway.team_slots.open("1") < 3 {
+        tokio::task::yield_now().await;
+    }
+    let (status, message) =
+        status_and_message(gateway.proxy(get("/ws"), "s3", 1, &path, ENVD_PORT).await).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{message}");
+    assert!(
+        message.contains("your team already has 3 connections")
+            && message.contains("--max-connections-per-team"),
+        "{message}"
+    );
+    // Team 2 is not affected (its envd is silent too, hence the 504).
+    let (status, _) =
+        status_and_message(gateway.proxy(get("/ws"), "s4", 2, &path, ENVD_PORT).await).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    for _ in 0..100 {
+        if gateway.team_slots.open("1") == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("team 1's connections are still counted");
+}
+
+#[tokio::test]
+async fn a_stalled_upload_gets_408_and_envd_sees_it_aborted() {
+    let path = socket("stalled");
+    // An envd that reads the body and reports how its reading ended.
+    let listener = UnixListener::bind(&*path).unwrap();
+    let (ended, mut envd_saw) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let ended = ended.clone();
+                async move {
+                    let read = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                    ended.send(read.map_err(|e| e.to_string())).await.unwrap();
+                    Ok::<_, hyper::Error>(hyper::Response::new(Body::empty()))
+                }
+            });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(conn), service)
+            .await;
+    });
+    // A client that sends a piece, then nothing while keeping its connection open.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(Bytes::from_static(b"abc")).await.unwrap();
+    let gateway = gateway(8);
+    let start = Instant::now();
+    let resp = gateway.proxy(upload(rx), "s1", 1, &path, ENVD_PORT).await;
+    let took = start.elapsed();
+    assert_eq!(resp.headers()[header::CONNECTION], "close");
+    let (status, message) = status_and_message(resp).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{message}");
+    assert!(message.contains("--body-idle-timeout"), "{message}");
+    assert!(took >= IDLE && took < IDLE * 2, "{took:?}");
+    let saw = envd_saw.recv().await.unwrap();
+    assert!(saw.is_err(), "envd read a whole body: {saw:?}");
+    drop(tx);
     all_closed(&gateway, "s1").await;
 }

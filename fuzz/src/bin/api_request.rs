@@ -27,7 +27,7 @@ use burrow_environments::Catalog;
 use burrow_fuzz::{Scratch, check_error_shape};
 use burrow_gateway::{Gateway, Limits as GatewayLimits};
 use burrow_runtime::{
-    Backend, BoxFuture, Error as RuntimeError, RuntimeConfig, Sandbox, SandboxSpec,
+    Backend, BoxFuture, Error as RuntimeError, Frozen, RuntimeConfig, Sandbox, SandboxSpec,
 };
 use burrow_sessions::{Budget, Config as SessionsConfig, Sessions};
 use burrow_store::Store;
@@ -51,7 +51,13 @@ impl Backend for Pretend {
     fn create<'a>(&'a self, _: &'a SandboxSpec) -> BoxFuture<'a, Result<Sandbox, RuntimeError>> {
         let id = format!("{:012}", self.next.fetch_add(1, Ordering::Relaxed));
         let socket = self.socket_path(&id);
-        Box::pin(async move { Ok(Sandbox { id, socket }) })
+        Box::pin(async move {
+            Ok(Sandbox {
+                id,
+                socket,
+                uid_base: RuntimeConfig::DEFAULT_UID_BASE,
+            })
+        })
     }
 
     fn destroy<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
@@ -78,13 +84,17 @@ impl Backend for Pretend {
         self.run_dir.join(id).join("envd.sock")
     }
 
-    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<PathBuf, RuntimeError>> {
+    fn freeze<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Frozen, RuntimeError>> {
         Box::pin(async move {
             Err(RuntimeError::Freeze {
                 id: id.to_owned(),
                 reason: "pretend sandboxes cannot be frozen".to_owned(),
             })
         })
+    }
+
+    fn uid_base(&self, _: &str) -> Result<u32, RuntimeError> {
+        Ok(RuntimeConfig::DEFAULT_UID_BASE)
     }
 }
 
@@ -142,7 +152,9 @@ impl Api {
                 auth_off: None,
                 gateway: Gateway::new(GatewayLimits {
                     connections_per_session: 64,
+                    connections_per_team: 64,
                     envd_timeout: Duration::from_secs(1),
+                    body_idle_timeout: Duration::from_secs(1),
                 }),
             }))
         });
