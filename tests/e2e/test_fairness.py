@@ -79,3 +79,33 @@ def test_custom_environments_and_saved_edits_have_per_team_quotas(new_server):
     # Deleting an environment gives its space back.
     assert server.request("DELETE", f"/envs/{first}", api_key=a).status == 204
     assert edit(second, 5).status == 204
+
+
+def test_user_processes_come_before_envd_for_the_oom_killer(server, team_key):
+    doc = server.create_session(team_key)
+    envd_pid = server.envd_pid(doc)
+    assert open(f"/proc/{envd_pid}/oom_score_adj").read().strip() == "0"
+    with server.envd(doc) as envd:
+        out, _, code = envd.run("cat /proc/self/oom_score_adj;"
+                                " echo -1 > /proc/self/oom_score_adj 2>/dev/null && echo shielded"
+                                " || echo refused")
+    # Never below envd: that would take CAP_SYS_RESOURCE, which nothing in a sandbox has.
+    assert (out, code) == (["1000", "refused"], 0)
+
+
+def test_a_sandbox_out_of_memory_loses_a_process_not_its_session(new_server):
+    server = new_server(ttl="120s", pool_size=0, extra_args=["--memory", "64MiB"])
+    key = server.create_key("hungry")
+    doc = server.create_session(key)
+    with server.envd(doc) as envd:
+        # Twelve processes of about 7 MiB each (tail keeps the last 6 MiB of what it reads until
+        # its input ends): each is smaller than envd (about 11 MiB, mostly its mapped binary), so
+        # by size alone the kernel would pick envd, and the session would end with it.
+        out, _, code = envd.run(
+            "for i in $(seq 12); do (head -c 6M /dev/zero; sleep 3) | tail -c 6M > /dev/null &"
+            " done; wait; echo done",
+            timeout=60)
+    assert code == 0 and out[-1] == "done", out
+    with server.envd(doc) as envd:
+        out, _, code = envd.run("echo still here")
+    assert (out, code) == (["still here"], 0)

@@ -84,7 +84,12 @@ pub(crate) fn os_error_text(error: &io::Error) -> String {
 
 /// Makes the child the leader of a new session (so its pid is its process group and a kill can
 /// take the whole group), optionally with `stdin` as controlling terminal, running as the
-/// sandbox user in `cwd` without the ability to gain privileges.
+/// sandbox user in `cwd` without the ability to gain privileges, and first in line for the OOM
+/// killer: when the sandbox runs out of memory the kernel must take the user's process, never
+/// envd, whose death would end the session. Lowering envd's own score would take
+/// CAP_SYS_RESOURCE, which hosts may not grant even to root (this one's bounding set lacks it),
+/// so every child raises its own to the maximum instead, which any process may do; code that
+/// lowers its score back (to no less than envd's 0) can only put its own session at risk.
 pub(crate) fn confine(
     command: &mut Command,
     config: &Config,
@@ -100,6 +105,14 @@ pub(crate) fn confine(
         // SAFETY: only async-signal-safe libc calls on values prepared before the fork; nothing
         // here allocates or takes a lock.
         unsafe {
+            let adj = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            check(adj)?;
+            let written = libc::write(adj, b"1000".as_ptr().cast(), 4);
+            libc::close(adj);
+            check(written as libc::c_int)?;
             check(libc::setsid())?;
             if controlling_tty {
                 check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
