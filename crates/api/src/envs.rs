@@ -88,7 +88,8 @@ pub(crate) async fn list(
     responses(
         (status = 200, description = "Created", body = EnvironmentBody),
         (status = 400, description = "Bad body or unknown template", body = error::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = error::ErrorBody)))]
+        (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
+        (status = 429, description = "The team has as many custom environments as it may (--max-environments-per-team)", body = error::ErrorBody)))]
 pub(crate) async fn create(
     State(app): Shared,
     key: Key,
@@ -110,7 +111,8 @@ pub(crate) async fn create(
         (status = 204, description = "Created or replaced"),
         (status = 400, description = "Bad body, ID or template", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
-        (status = 409, description = "The ID is a built-in name or another team's", body = error::ErrorBody)))]
+        (status = 409, description = "The ID is a built-in name or another team's", body = error::ErrorBody),
+        (status = 429, description = "The team has as many custom environments as it may (--max-environments-per-team)", body = error::ErrorBody)))]
 pub(crate) async fn put(
     State(app): Shared,
     key: Key,

@@ -348,9 +348,9 @@ impl From<SessionInfo> for SessionBody {
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = error::ErrorBody),
         (status = 413, description = "Body too large", body = error::ErrorBody),
-        (status = 429, description = "The server, or the caller's team, already runs as many sessions as it may", body = error::ErrorBody),
+        (status = 429, description = "The server, or the caller's team, already runs as many sessions as it may, or the team has used its share of the host's memory or processes (--team-share)", body = error::ErrorBody),
         (status = 500, description = "The sandbox could not be started; the message names an error id in the server log", body = error::ErrorBody),
-        (status = 503, description = "The host is low on memory (--min-available-memory), or the server has as many connections open, or waiting for their request heads, as it takes (--max-connections, --max-pending-heads); retry later", body = error::ErrorBody)))]
+        (status = 503, description = "The host is low on memory (--min-available-memory), or has promised all the memory and processes it has (--memory-overcommit), or the server has as many connections open, or waiting for their request heads, as it takes (--max-connections, --max-pending-heads); retry later", body = error::ErrorBody)))]
 async fn create_session(
     State(app): Shared,
     key: Key,
@@ -390,7 +390,10 @@ async fn list_sessions(State(app): Shared, key: Key) -> Result<Json<Vec<SessionB
         (status = 204, description = "Deleted"),
         (status = 400, description = "A session ID or X-API-Key header that is not text", body = error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = error::ErrorBody),
-        (status = 404, description = "No such session of the caller's team", body = error::ErrorBody)))]
+        (status = 404, description = "No such session of the caller's team", body = error::ErrorBody),
+        (status = 409, description = "An edit session ended, but its changes were not saved: its environment was replaced, re-templated or deleted meanwhile", body = error::ErrorBody),
+        (status = 500, description = "The session ended, but its sandbox could not be removed yet (retried in the background), or an edit session's changes could not be saved", body = error::ErrorBody),
+        (status = 507, description = "An edit session ended, but its changes were not saved: the team's saved edits would pass --edit-quota-per-team", body = error::ErrorBody)))]
 async fn delete_session(
     State(app): Shared,
     key: Key,
