@@ -109,3 +109,15 @@ def test_a_sandbox_out_of_memory_loses_a_process_not_its_session(new_server):
     with server.envd(doc) as envd:
         out, _, code = envd.run("echo still here")
     assert (out, code) == (["still here"], 0)
+
+
+def test_host_facts_stay_out_of_the_sandbox(server, team_key):
+    doc = server.create_session(team_key)
+    with server.envd(doc) as envd:
+        out, _, code = envd.run(
+            "wc -c < /proc/cmdline; ls /proc/pressure | wc -l;"
+            " [ -e /proc/config.gz ] && wc -c < /proc/config.gz || echo 0;"
+            " readlink /proc/1/exe || echo no-exe; head -c1 /proc/1/maps 2>/dev/null || echo no-maps")
+    # The host's boot line, kernel configuration, pressure figures, and envd's host binary path
+    # (its executable and mappings): none of them is readable.
+    assert (out, code) == (["0", "0", "0", "no-exe", "no-maps"], 0), out

@@ -94,8 +94,12 @@ const KEPT_CAPABILITIES: [Capability; 7] = [
 /// Host devices the sandbox gets, bound into a fresh tmpfs `/dev`.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// `/proc` files that tell about or act on the host: covered with `/dev/null`.
+/// `/proc` files that tell about or act on the host: covered with `/dev/null`. `cmdline` and
+/// `config.gz` describe the host's kernel build and boot; `/proc/loadavg`, `stat` and `meminfo`
+/// stay, host-wide as they are, since everyday tools (`uptime`, `top`, `free`) parse them.
 const PROC_MASKED_FILES: &[&str] = &[
+    "cmdline",
+    "config.gz",
     "kcore",
     "keys",
     "latency_stats",
@@ -103,8 +107,9 @@ const PROC_MASKED_FILES: &[&str] = &[
     "sched_debug",
     "sysrq-trigger",
 ];
-/// `/proc` directories of host hardware: covered with an empty read-only tmpfs.
-const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi"];
+/// `/proc` directories of host hardware, and the host-wide pressure stall figures (which tell
+/// what other tenants are doing): covered with an empty read-only tmpfs.
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "pressure", "scsi"];
 /// Caps on the kernel objects the user namespace's users may hold (`/proc/sys/user`), written
 /// while `/proc/sys` is still writable. They count per user of the sandbox, and every one of
 /// them is also charged to the host user owning the namespace (one per sandbox), whose own
