@@ -5,7 +5,11 @@ refusals say which limit it hit."""
 
 from __future__ import annotations
 
-from burrow_harness import assert_error
+import socket
+import threading
+import time
+
+from burrow_harness import ENVD_PORT, assert_error, sandbox_host, ws_upgrade
 
 MIB = 1 << 20
 
@@ -121,3 +125,103 @@ def test_host_facts_stay_out_of_the_sandbox(server, team_key):
     # The host's boot line, kernel configuration, pressure figures, and envd's host binary path
     # (its executable and mappings): none of them is readable.
     assert (out, code) == (["0", "0", "0", "no-exe", "no-maps"], 0), out
+
+
+# Team B's round: a pipe carrying 1 MiB, an epoll instance waiting on it, and a descriptor passed
+# over a unix socket, in one process of its sandbox.
+B_WORKLOAD = r"""python3 -c '
+import os, select, socket, array
+r, w = os.pipe()
+ep = select.epoll(); ep.register(r, select.EPOLLIN)
+data = os.urandom(1 << 20)
+if os.fork() == 0:
+    os.write(w, data); os._exit(0)
+got = b""
+while len(got) < len(data):
+    assert ep.poll(5), "epoll timed out"
+    got += os.read(r, 1 << 16)
+os.wait()
+a, b = socket.socketpair()
+a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+msg, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+assert got == data and anc, "pipe or fd passing failed"
+print("ok")
+'"""
+
+# What team A runs in its sandboxes, each up to its own limits: processes, memory, pipes, files.
+A_EXHAUSTIONS = [
+    "for i in $(seq 200); do sleep 20 & done 2>/dev/null; echo forked",
+    "for i in $(seq 12); do (head -c 6M /dev/zero; sleep 3) | tail -c 6M > /dev/null & done; wait;"
+    " echo hogged",
+    "python3 -c 'import os\nps = []\ntry:\n    while True: ps.append(os.pipe())\n"
+    "except OSError as e: print(len(ps), e.strerror)'",
+    "python3 -c 'import os\nn = 0\ntry:\n    while True: os.open(\"/dev/null\", 0); n += 1\n"
+    "except OSError as e: print(n, e.strerror)'",
+]
+
+
+def test_team_b_is_unaffected_while_team_a_exhausts_every_share(new_server):
+    per_session = 64 << 20
+    overcommit = 8 * per_session / mem_total()
+    server = new_server(ttl="300s", pool_size=0, extra_args=[
+        "--memory", "64MiB", "--pids", "64", "--memory-overcommit", repr(overcommit),
+        "--team-share", "0.5", "--max-connections", "64", "--max-connections-per-team", "16",
+        "--max-pending-heads", "16"])
+    a, b = server.create_key("team-a"), server.create_key("team-b")
+    b_home = server.create_session(b)
+    failures, rounds, stop = [], [], threading.Event()
+
+    def team_b():
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                fresh = server.create_session(b)
+                for doc in (b_home, fresh):
+                    with server.envd(doc) as envd:
+                        out, err, code = envd.run(B_WORKLOAD, timeout=30)
+                    if (out, code) != (["ok"], 0):
+                        failures.append(f"workload: {out} {err} {code}")
+                if server.delete(fresh["sessionID"], b).status != 204:
+                    failures.append("delete")
+            except Exception as e:  # noqa: BLE001 -- every failure of B's is the finding
+                failures.append(f"{type(e).__name__}: {e}")
+            took = time.monotonic() - t0
+            if took > 15:
+                failures.append(f"a round took {took:.1f}s")
+            rounds.append(took)
+
+    worker = threading.Thread(target=team_b)
+    worker.start()
+    held = []
+    try:
+        # Sessions: A takes its whole share of memory and is told so.
+        mine = [server.create_session(a) for _ in range(4)]
+        assert_error(server.request("POST", "/sessions", body={"codeSnippetID": "Bash"}, api_key=a),
+                     429, "share", "memory")
+        # Inside its sandboxes, A runs into its own limits (how each command ends is A's
+        # business: bash gives up when it cannot fork, the OOM killer takes a tail).
+        for doc, command in zip(mine, A_EXHAUSTIONS):
+            with server.envd(doc) as envd:
+                envd.run(command, timeout=60)
+        # Connections: A holds its team's whole share of websockets, then asks for one more.
+        host = sandbox_host(ENVD_PORT, mine[0]["sessionID"], mine[0]["clientID"])
+        while True:
+            up = ws_upgrade(server.port, host, keep=True)
+            if up.status != 101:
+                assert up.status == 429, up
+                break
+            held.append(up.sock)
+            assert len(held) <= 16, "the team cap did not hold"
+        # And half-sent request heads, as many as the pending-head cap takes.
+        for _ in range(16):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"GET /sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(s)
+        time.sleep(5)
+    finally:
+        stop.set()
+        worker.join(120)
+        for s in held:
+            s.close()
+    assert len(rounds) >= 3, f"team B got only {len(rounds)} rounds done"
+    assert not failures, failures
