@@ -1,11 +1,13 @@
 //! The `filesystem` service (wire spec §5.1). Paths are the sandbox's own; relative ones resolve
-//! against the user's home. Files and directories envd creates belong to the sandbox user
-//! (DECISIONS #9). Work runs on blocking threads so that a slow disk does not stall the runtime.
+//! against the user's home. Every call acts as the sandbox user (`user_fs`): it reads, writes,
+//! creates and removes what the user could itself, through the symlinks the user could follow,
+//! and what it creates belongs to the user (DECISIONS #9). Work runs on blocking threads so that
+//! a slow disk does not stall the runtime.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, chown, fchown};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use crate::child::{os_error_text, resolve};
 use crate::connection::{Handler, Outcome, Subscriber};
 use crate::hub::Topic;
 use crate::rpc::{Args, CallResult, RpcError};
+use crate::user_fs::{as_user, denied_hint};
 use crate::{Config, State};
 
 /// Largest file `read`/`readBase64` return: the whole content is held in memory (several times,
@@ -111,9 +114,13 @@ where
 {
     let state = state.clone();
     Outcome::Later(Box::pin(async move {
-        tokio::task::spawn_blocking(move || work(&state.config))
-            .await
-            .unwrap_or_else(|_| Err(RpcError::crashed()))
+        tokio::task::spawn_blocking(move || {
+            let config = &state.config;
+            as_user(config, || work(config))
+                .unwrap_or_else(|error| Err(RpcError::handler(error.to_string())))
+        })
+        .await
+        .unwrap_or_else(|_| Err(RpcError::crashed()))
     }))
 }
 
@@ -129,9 +136,10 @@ fn list(config: &Config, path: &str) -> CallResult {
     let dir = resolve(config, path);
     let fail = |error: io::Error| {
         RpcError::handler(format!(
-            "error listing files in '{path}': open {}: {}",
+            "error listing files in '{path}': open {}: {}{}",
             dir.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     };
     let mut entries = Vec::new();
@@ -159,7 +167,8 @@ fn read_bytes(config: &Config, path: &str) -> Result<Vec<u8>, RpcError> {
             file_path.display()
         ))
     };
-    let file = File::open(&file_path).map_err(|e| fail("open", os_error_text(&e)))?;
+    let file = File::open(&file_path)
+        .map_err(|e| fail("open", os_error_text(&e) + &denied_hint(config, &e)))?;
     let too_large = |size: u64| {
         fail(
             "read",
@@ -187,29 +196,27 @@ fn write(config: &Config, path: &str, content: &[u8]) -> CallResult {
     let file_path = resolve(config, path);
     let fail = |op: &str, error: io::Error| {
         RpcError::handler(format!(
-            "error writing to file '{path}': {op} {}: {}",
+            "error writing to file '{path}': {op} {}: {}{}",
             file_path.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     };
-    let mut file = create_file(config, &file_path, FILE_MODE).map_err(|e| fail("open", e))?;
+    let mut file = create_file(&file_path, FILE_MODE).map_err(|e| fail("open", e))?;
     file.write_all(content).map_err(|e| fail("write", e))?;
     Ok(Value::Null)
 }
 
-/// Creates or truncates `path`. A file created here is given to the sandbox user; an existing
-/// one keeps its owner.
-pub(crate) fn create_file(config: &Config, path: &Path, mode: u32) -> io::Result<File> {
+/// Creates or truncates `path`; run it as the sandbox user (`user_fs::as_user`), so that a file
+/// created here is the user's and an existing one keeps its owner.
+pub(crate) fn create_file(path: &Path, mode: u32) -> io::Result<File> {
     match OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)
     {
-        Ok(file) => {
-            fchown(&file, Some(config.uid), Some(config.gid))?;
-            Ok(file)
-        }
+        Ok(file) => Ok(file),
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
             OpenOptions::new().write(true).truncate(true).open(path)
         }
@@ -220,17 +227,18 @@ pub(crate) fn create_file(config: &Config, path: &Path, mode: u32) -> io::Result
 /// `filesystem_makeDir [path]`: `mkdir -p`.
 fn make_dir(config: &Config, path: &str) -> CallResult {
     let dir = resolve(config, path);
-    create_dirs(config, &dir).map_err(|error| {
+    create_dirs(&dir).map_err(|error| {
         RpcError::handler(format!(
-            "error creating directory '{path}': mkdir {}: {}",
+            "error creating directory '{path}': mkdir {}: {}{}",
             dir.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     })?;
     Ok(Value::Null)
 }
 
-fn create_dirs(config: &Config, dir: &Path) -> io::Result<()> {
+fn create_dirs(dir: &Path) -> io::Result<()> {
     match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => return Ok(()),
         Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
@@ -238,10 +246,10 @@ fn create_dirs(config: &Config, dir: &Path) -> io::Result<()> {
         Err(error) => return Err(error),
     }
     if let Some(parent) = dir.parent() {
-        create_dirs(config, parent)?;
+        create_dirs(parent)?;
     }
     match DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => chown(dir, Some(config.uid), Some(config.gid)),
+        Ok(()) => Ok(()),
         // Created concurrently: fine, as with `mkdir -p`.
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(error) => Err(error),
@@ -264,9 +272,10 @@ fn remove(config: &Config, path: &str) -> CallResult {
         Ok(()) => Ok(Value::Null),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Value::Null),
         Err(error) => Err(RpcError::handler(format!(
-            "error removing file or directory '{path}': unlinkat {}: {}",
+            "error removing file or directory '{path}': unlinkat {}: {}{}",
             target.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))),
     }
 }
