@@ -1,6 +1,7 @@
 //! `GET /file?path=…` (download) and `POST /file` (multipart upload), wire spec §6. Both stream:
-//! neither holds a whole file in memory. Both act as the sandbox user (`user_fs`): a download
-//! opens, and an upload creates, renames and removes, only what the user could itself.
+//! neither holds a whole file in memory. Both act through `user_fs`: as the sandbox user, else as
+//! root on a path without symlinks, so that no link user code plants redirects a download's open
+//! or an upload's create, rename or remove; what an upload creates is the user's.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,7 @@ use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::child::{os_error_text, resolve};
-use crate::filesystem::create_file;
-use crate::user_fs::{blocking_as_user, denied_hint};
+use crate::user_fs::{self, denied_hint};
 use crate::{Config, State, random_id};
 
 /// How much of a file decides its `Content-Type` (as Go's `http.DetectContentType`).
@@ -58,20 +58,21 @@ pub(crate) async fn download(
     };
     let file_path = resolve(&state.config, &path);
     let opened = file_path.clone();
-    let mut file = match blocking_as_user(&state, move |_| std::fs::File::open(opened)).await {
-        Ok(file) => File::from_std(file),
-        Err(error) => {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "File not found: open {}: {}{}",
-                    file_path.display(),
-                    os_error_text(&error),
-                    denied_hint(&state.config, &error)
-                ),
-            );
-        }
-    };
+    let mut file =
+        match user_fs::blocking(&state, move |config| user_fs::open_read(config, &opened)).await {
+            Ok(file) => File::from_std(file),
+            Err(error) => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "File not found: open {}: {}{}",
+                        file_path.display(),
+                        os_error_text(&error),
+                        denied_hint(&state.config, &error)
+                    ),
+                );
+            }
+        };
     let size = match file.metadata().await {
         Ok(meta) if meta.is_dir() => {
             return text(
@@ -207,10 +208,12 @@ pub(crate) async fn upload(
                     .unwrap_or(&config.home);
                 let temp = dir.join(format!(".burrow-upload-{}", random_id(12)));
                 let creating = temp.clone();
-                let file = blocking_as_user(&state, move |_| create_file(&creating, UPLOAD_MODE))
-                    .await
-                    .map(File::from_std)
-                    .map_err(|error| write_failed(config, &temp, &error));
+                let file = user_fs::blocking(&state, move |config| {
+                    user_fs::create_file(config, &creating, UPLOAD_MODE)
+                })
+                .await
+                .map(File::from_std)
+                .map_err(|error| write_failed(config, &temp, &error));
                 if file.is_ok() {
                     staged = Some(Staged {
                         temp: temp.clone(),
@@ -244,7 +247,9 @@ pub(crate) async fn upload(
         Ok(()) => cors(StatusCode::OK.into_response()),
         Err(response) => {
             if let Some(staged) = staged {
-                let _ = blocking_as_user(&state, move |_| std::fs::remove_file(staged.temp)).await;
+                let _ =
+                    user_fs::blocking(&state, move |config| user_fs::remove(config, &staged.temp))
+                        .await;
             }
             response
         }
@@ -306,13 +311,19 @@ async fn place(
     };
     let temp = staged.temp.clone();
     let to = target.clone();
-    blocking_as_user(state, move |_| match std::fs::rename(&temp, &to) {
-        Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(&temp, &to)?;
-            let _ = std::fs::remove_file(&temp);
-            Ok(())
+    user_fs::blocking(state, move |config| {
+        match user_fs::rename(config, &temp, &to) {
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+                let mut from = user_fs::open_read(config, &temp)?;
+                io::copy(
+                    &mut from,
+                    &mut user_fs::create_file(config, &to, UPLOAD_MODE)?,
+                )?;
+                let _ = user_fs::remove(config, &temp);
+                Ok(())
+            }
+            moved => moved,
         }
-        moved => moved,
     })
     .await
     .map_err(|error| write_failed(config, &target, &error))
