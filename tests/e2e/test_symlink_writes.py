@@ -104,3 +104,71 @@ def test_what_user_may_write_keeps_working(server, team_key):
         assert out == ["through my link", "tmp", "uploaded", *["user:user"] * 5], out
         envd.call("filesystem_remove", ["/home/user/a"])
         assert _sh(envd, "ls -A ~") == ["own"]
+
+
+def test_what_only_root_may_write_works_and_is_users(server, team_key):
+    """e2b >= 0.5.0's run_code writes /index.py, /index.js, /main.sh, and a session `cwd` is made
+    with makeDir at open: paths in directories only root may write. envd writes them as root (no
+    symlink on the way) and gives them to `user`."""
+    doc = server.create_session(team_key)
+    host = sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"])
+    with server.envd(doc) as envd:
+        assert _sh(envd, "stat -c '%U %a' / /root; test -w / || echo not-writable") == \
+            ["root 755", "root 700", "not-writable"]
+        envd.call("filesystem_write", ["/index.py", "print('py ran')\n"])
+        envd.call("filesystem_writeBase64", ["/main.sh", "ZWNobyAic2ggcmFuIgo="])  # echo "sh ran"
+        envd.call("filesystem_makeDir", ["/newdir/sub"])
+        envd.call("filesystem_write", ["/root/y", "in root's home"])
+        assert _sh(envd, "python3 /index.py; bash /main.sh; stat -c '%U:%G' /index.py /main.sh "
+                         "/newdir /newdir/sub") == ["py ran", "sh ran", *["user:user"] * 4]
+        # /root stays root's and closed to `user`; the client reads back what it wrote there.
+        assert envd.call("filesystem_read", ["/root/y"]) == "in root's home"
+        assert envd.call("filesystem_list", ["/root"]) == [{"isDir": False, "name": "y"}]
+        assert _sh(envd, "cat /root/y 2>/dev/null || echo denied") == ["denied"]
+
+        for path in ["/index.py", "/main.sh"]:
+            envd.call("filesystem_remove", [path])
+        assert _sh(envd, "ls /index.py /main.sh 2>/dev/null; echo done") == ["done"]
+        for path, content in [("/index.py", b"print('uploaded py')\n"), ("/main.sh", b"echo uploaded sh\n")]:
+            body, headers = _multipart(path, content)
+            r = server.request("POST", "/file", raw=body, headers=headers, host=host)
+            assert r.status == 200, r
+        assert _sh(envd, "python3 /index.py; bash /main.sh; stat -c '%U:%G' /index.py /main.sh; "
+                         "ls -A / | grep -c burrow-upload || true") == \
+            ["uploaded py", "uploaded sh", "user:user", "user:user", "0"]
+        r = server.request("GET", "/file?path=/root/y", host=host)
+        assert r.status == 200 and r.text == "in root's home", r
+        envd.call("filesystem_remove", ["/newdir"])
+        assert _sh(envd, "test -e /newdir || echo gone") == ["gone"]
+
+
+def test_planted_links_into_root_only_places_are_refused(server, team_key):
+    """The links `user` plants toward root's own places (/root, 0700) or root's files redirect
+    nothing, although envd may write there by the real path."""
+    doc = server.create_session(team_key)
+    host = sandbox_host(ENVD_PORT, doc["sessionID"], doc["clientID"])
+    with server.envd(doc) as envd:
+        envd.call("filesystem_write", ["/root/y", "root's"])
+        before = _plant(envd)
+        _sh(envd, "ln -s /root/y ~/ry && ln -s /root ~/rd && ln -s /root/new ~/rn")
+        for method, params in [
+            ("filesystem_write", ["/home/user/ry", "pwned"]),
+            ("filesystem_write", ["/home/user/rn", "pwned"]),
+            ("filesystem_write", ["/home/user/rd/z", "pwned"]),
+            ("filesystem_makeDir", ["/home/user/rd/sub"]),
+            ("filesystem_remove", ["/home/user/rd/y"]),
+            ("filesystem_read", ["/home/user/ry"]),
+            ("filesystem_list", ["/home/user/rd"]),
+        ]:
+            with pytest.raises(RpcError) as refused:
+                envd.call(method, params)
+            message = refused.value.error.get("message", "")
+            assert "permission denied" in message and REASON in message, (method, params, refused.value.error)
+        body, headers = _multipart("/home/user/rd/u", b"pwned")
+        r = server.request("POST", "/file", raw=body, headers=headers, host=host)
+        assert r.status == 403 and REASON in r.text, r
+        r = server.request("GET", "/file?path=/home/user/ry", host=host)
+        assert r.status == 404 and REASON in r.text, r
+        assert envd.call("filesystem_read", ["/root/y"]) == "root's"
+        assert envd.call("filesystem_list", ["/root"]) == [{"isDir": False, "name": "y"}]
+        assert _passwd(envd) == before
