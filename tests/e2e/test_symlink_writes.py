@@ -1,7 +1,8 @@
-"""envd acts on files as the sandbox user (issue #15), through the API and the gateway: a symlink
-that user code plants cannot turn a client's write, upload, mkdir or remove into one as the
-sandbox's root. The target (the sandbox's /etc/passwd, root's and not writable by `user`) stays
-unchanged, the client gets an error that says why, and what `user` may write keeps working."""
+"""envd acts on files as the sandbox user, and as root only on paths without symlinks (issue #15),
+through the API and the gateway: a symlink that user code plants cannot turn a client's write,
+upload, mkdir or remove into one as the sandbox's root. The target (the sandbox's /etc/passwd, root's
+and not writable by `user`) stays unchanged, the client gets an error that says why, and what `user`
+may write keeps working, as does what only root may (`/index.py`, `/root/y`), made `user`'s."""
 
 from __future__ import annotations
 
