@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -31,6 +32,22 @@ SESSION_KEYS = {"codeSnippetID", "editEnabled", "sessionID", "clientID"}
 SESSION_ID_RE = re.compile(r"^[a-z0-9]{20,}$")
 CLIENT_ID_RE = re.compile(r"^[a-z0-9]{8}$")
 BUILTIN_ENVS = ("Bash", "Python3", "Nodejs", "Java", "Perl")
+# The programs each built-in environment needs on the host to run from it (without a built image),
+# as crates/environments (BUILTINS) defines them; every environment runs commands through bash.
+ENV_PROGRAMS = {
+    "Bash": ("bash",),
+    "Python3": ("python3",),
+    "Nodejs": ("node",),
+    "Java": ("java",),
+    "Go": ("go",),
+    "Rust": ("rustc", "cargo"),
+    "PHP": ("php",),
+    "Perl": ("perl",),
+    "DotNET": ("dotnet",),
+}
+# Where burrow looks for them (crates/environments, PROGRAM_DIRS); sandboxes see only the host's
+# /usr, so a program counts only if its real path is under /usr.
+HOST_PROGRAM_DIRS = ("/usr/bin", "/usr/local/bin", "/usr/sbin")
 # How long the server lets a connection take to send a request head (or sit idle between
 # requests) before it hangs up: burrow_api::HEADER_TIMEOUT.
 HEADER_TIMEOUT_S = 30
@@ -62,6 +79,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def missing_programs(env: str) -> list:
+    """The programs the built-in environment `env` needs that this host does not have where a
+    sandbox can see them (empty: the environment is available)."""
+    needed = ("bash",) + tuple(p for p in ENV_PROGRAMS[env] if p != "bash")
+    missing = []
+    for program in needed:
+        found = shutil.which(program, path=os.pathsep.join(HOST_PROGRAM_DIRS))
+        if not (found and os.path.realpath(found).startswith("/usr/")):
+            missing.append(program)
+    return missing
+
+
+def host_available_envs() -> tuple:
+    """The built-in environments this host can run (a fresh data dir has no images)."""
+    return tuple(env for env in ENV_PROGRAMS if not missing_programs(env))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ import re
 import pytest
 
 from burrow_harness import (
-    BUILTIN_ENVS,
+    ENV_PROGRAMS,
     ENVD_PORT,
+    REPO,
     SESSION_KEYS,
     assert_error,
     assert_session_body,
+    host_available_envs,
+    missing_programs,
     sandbox_host,
     ws_upgrade,
 )
@@ -72,6 +75,11 @@ def test_session_ids_are_unique_and_client_id_is_stable(server, team_key):
 
 # A command that only works in the given environment, and what it prints.
 ENV_PROBES = {
+    "Go": ("go version", lambda out: len(out) == 1 and out[0].startswith("go version go")),
+    "Rust": ("rustc --version && cargo --version",
+             lambda out: len(out) == 2 and out[0].startswith("rustc ") and out[1].startswith("cargo ")),
+    "PHP": ("php -r 'echo 6*7, PHP_EOL;'", lambda out: out == ["42"]),
+    "DotNET": ("dotnet --version", lambda out: len(out) == 1 and out[0][:1].isdigit()),
     "Bash": ("echo bash-${BASH_VERSINFO[0]}", lambda out: out[0].startswith("bash-") and out[0][5:].isdigit()),
     "Python3": ("python3 -c 'print(6*7)'", lambda out: out == ["42"]),
     "Nodejs": ("node -e 'console.log(6*7)'", lambda out: out == ["42"]),
@@ -80,9 +88,25 @@ ENV_PROBES = {
 }
 
 
-@pytest.mark.parametrize("env", BUILTIN_ENVS)
-def test_every_builtin_environment_starts_and_has_its_runtime(server, team_key, env):
-    doc = server.create_session(team_key, env)
+def test_the_environment_tables_cover_every_definition():
+    defined = {p.stem for p in (REPO / "environments").glob("*.toml")}
+    assert set(ENV_PROGRAMS) == defined, "burrow_harness.ENV_PROGRAMS must list every environments/*.toml"
+    assert set(ENV_PROBES) == defined, "ENV_PROBES must have a probe for every environments/*.toml"
+
+
+@pytest.mark.parametrize("env", sorted(ENV_PROGRAMS))
+def test_builtin_environment_runs_exactly_when_the_host_has_its_programs(server, team_key, env):
+    """Available (its programs are in the host's /usr): it starts and has its runtime. Otherwise:
+    400 naming the environment and what the host lacks."""
+    missing = missing_programs(env)
+    r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": False},
+                       api_key=team_key)
+    if missing:
+        assert_error(r, 400, env, *(f"`{p}`" for p in missing))
+        return
+    assert r.status == 201, f"{env} is available on this host (it has {ENV_PROGRAMS[env]}): {r!r}"
+    doc = r.json()
+    assert_session_body(doc, env)
     cmd, ok = ENV_PROBES[env]
     with server.envd(doc) as envd:
         out, err, code = envd.run(cmd, timeout=30)
@@ -95,15 +119,9 @@ def test_unknown_environment_is_400_naming_it_and_the_available_ones(server, tea
     r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": False},
                        api_key=team_key)
     doc = assert_error(r, 400, env)
-    for available in BUILTIN_ENVS:
-        assert available in doc["message"], f"message should list {available}: {doc['message']!r}"
-
-
-@pytest.mark.parametrize("env", ["Go", "Rust", "PHP", "DotNET"])
-def test_builtin_environment_unavailable_on_this_host_is_400_naming_it(server, team_key, env):
-    r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": False},
-                       api_key=team_key)
-    assert_error(r, 400, env)
+    listed = doc["message"].rsplit("available environments:", 1)[-1]
+    assert {e.strip() for e in listed.split(",")} == set(host_available_envs()), \
+        f"message should list exactly this host's available environments: {doc['message']!r}"
 
 
 def test_create_without_key_is_401(server):

@@ -13,6 +13,7 @@ from burrow_harness import (
     assert_error,
     host_cgroup_dirs,
     host_processes_matching,
+    namespace_init,
     sandbox_host,
     unique_marker,
     wait_until,
@@ -111,6 +112,10 @@ def test_delete_destroys_the_sandbox_processes_and_cgroups(server, team_key):
 
 
 def _restart_with_live_session(new_server, graceful: bool):
+    """The README: "Stopping the server (SIGTERM, Ctrl-C) leaves live sessions running; the next
+    start adopts them. A start after a crash does the same". So after either kind of stop the
+    session must be listed again, reachable, and be the very same sandbox: the process started
+    before the restart still runs in it (same host pid) and the file written before is there."""
     srv = new_server(ttl="15s")
     admin = srv.admin_key
     key = srv.create_key("team-restart")
@@ -120,36 +125,43 @@ def _restart_with_live_session(new_server, graceful: bool):
     with srv.envd(doc) as envd:
         envd.call("filesystem_write", ["/home/user/before-restart.txt", secret])
     marker = _start_marker(srv, doc)
+    before = host_processes_matching(f"sleep {marker}")
+    assert len(before) == 1, f"expected one 'sleep {marker}' on the host, found {before}"
+    envd_before = namespace_init(before[0])
+    assert envd_before, f"no sandbox PID 1 above host process {before[0]}"
 
     srv.restart(graceful=graceful)
+    how = "SIGTERM" if graceful else "kill -9"
 
-    # Keys and the node identity survive.
+    assert sid in srv.session_ids(key), \
+        f"the live session was not adopted after {how}: GET /sessions no longer lists it\n{srv.log_tail()}"
+    assert srv.refresh(sid).status == 204, f"adopted after {how} but not refreshable"
+    host = sandbox_host(ENVD_PORT, sid, doc["clientID"])
+    assert ws_upgrade(srv.port, host).status == 101, f"adopted after {how} but its sandbox is unreachable"
+    with srv.envd(doc) as envd:
+        assert envd.call("filesystem_read", ["/home/user/before-restart.txt"]) == secret, \
+            f"the session after {how} is not the same sandbox (the file written before is gone)"
+        out, _, _ = envd.run(f"pgrep -f '[s]leep {marker}'")  # [s]: not this shell itself
+        assert len(out) == 1, \
+            f"inside the adopted sandbox, 'sleep {marker}' started before the {how} is not running: {out}"
+        out, _, _ = envd.run("echo after-restart")
+        assert out == ["after-restart"]
+    assert host_processes_matching(f"sleep {marker}") == before, \
+        f"the process started before the {how} is no longer the same host process"
+    assert namespace_init(before[0]) == envd_before, f"the sandbox's envd changed across the {how}"
+
+    # Keys and the node identity survive, and the server is fully usable after the restart.
     fresh = srv.create_session(key)
     assert fresh["clientID"] == doc["clientID"], "clientID changed across a restart of the same data dir"
     assert srv.request("GET", "/sessions", api_key=admin).status == 200, "admin key lost on restart"
-
-    listed = sid in srv.session_ids(key)
-    host = sandbox_host(ENVD_PORT, sid, doc["clientID"])
-    if listed:
-        assert srv.refresh(sid).status == 204, "listed after restart but not refreshable"
-        assert ws_upgrade(srv.port, host).status == 101, "listed after restart but its sandbox is unreachable"
-        with srv.envd(doc) as envd:
-            assert envd.call("filesystem_read", ["/home/user/before-restart.txt"]) == secret, \
-                "the session after restart is not the same sandbox (file written before is gone)"
-            out, _, _ = envd.run("echo after-restart")
-            assert out == ["after-restart"]
-        assert host_processes_matching(f"sleep {marker}"), \
-            "the adopted sandbox lost its running process"
-    else:
-        assert_error(srv.refresh(sid), 404)
-        assert ws_upgrade(srv.port, host).status >= 400
-        wait_until(lambda: not host_processes_matching(f"sleep {marker}"), 5.0, 0.2,
-                   "a dropped session's sandbox process to be destroyed after restart")
-    # The server is fully usable after the restart.
     with srv.envd(fresh) as envd:
         out, _, _ = envd.run("echo new-session-ok")
         assert out == ["new-session-ok"]
-    return listed
+
+    # The adopted session is managed as any other: deleting it destroys its sandbox.
+    assert srv.delete(sid, key).status == 204
+    wait_until(lambda: not host_processes_matching(f"sleep {marker}"), 5.0, 0.2,
+               f"the adopted sandbox's 'sleep {marker}' to be killed by its delete")
 
 
 def test_restart_after_sigterm_with_live_sessions(new_server):

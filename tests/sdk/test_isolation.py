@@ -11,11 +11,71 @@ import time
 
 import pytest
 
-from burrow_harness import REPO, host_processes_matching, unique_marker, wait_until
+from burrow_harness import (
+    REPO,
+    host_cmdline,
+    host_pids,
+    host_processes_matching,
+    namespace_init,
+    proc_status,
+    unique_marker,
+    wait_until,
+)
 
 BURROW_SERVER = {"ttl": "15s"}
 
-PS = r"""for p in /proc/[0-9]*; do printf '%s ' "${p#/proc/}"; tr '\0' ' ' < "$p/cmdline" 2>/dev/null; echo; done"""
+# Every process /proc shows, one per line: "<pid> <command line>", then "self <pid of this shell>".
+# Shell builtins only, so the listing starts no process of its own that could end before the host
+# looks at the sandbox's processes.
+PS = (r"""for p in /proc/[0-9]*; do a=(); while IFS= read -r -d '' x; do a+=("$x"); done """
+      r"""< "$p/cmdline"; echo "${p#/proc/} ${a[*]}"; done 2>/dev/null; echo "self $$" """)
+
+
+def _listing(out: str) -> tuple:
+    """({pid: command line}, pid of the listing shell) from the output of PS."""
+    procs = {}
+    me = None
+    for line in out.splitlines():
+        pid, _, cmd = line.partition(" ")
+        if pid == "self":
+            me = int(cmd)
+        elif pid.isdigit():
+            procs[int(pid)] = cmd
+    assert me is not None and procs, f"not a process listing:\n{out}"
+    return procs, me
+
+
+def _pid_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def _namespace_pids(ns: str) -> set:
+    """The pids, as that namespace numbers them, of every host process in the PID namespace `ns`."""
+    out = set()
+    for pid in host_pids():
+        try:
+            if _pid_namespace(pid) != ns:
+                continue
+        except OSError:
+            continue
+        nspid = proc_status(pid).get("NSpid", "").split()
+        if nspid:
+            out.add(int(nspid[-1]))
+    return out
+
+
+def _assert_only_own_processes(out: str, own: set, server_pid: int, host_sleeper: str) -> None:
+    """The listing `out` (PS, run in a sandbox) holds only the sandbox's own processes: `own` (its
+    PID namespace's pids, as the host sees them) and the listing shell; PID 1 is envd; neither the
+    server nor another host process shows."""
+    procs, me = _listing(out)
+    strangers = {pid: cmd for pid, cmd in procs.items() if pid != me and pid not in own}
+    assert not strangers, f"processes outside the sandbox's PID namespace are visible: {strangers}"
+    assert "sandbox-init" in procs.get(1, ""), f"PID 1 is not envd (burrow sandbox-init): {procs.get(1)!r}"
+    server_cmd = host_cmdline(server_pid)
+    assert server_cmd, f"the server (host pid {server_pid}) is not running"
+    assert not [c for c in procs.values() if c == server_cmd], f"the server's command line is visible: {server_cmd}"
+    assert host_sleeper not in out, f"the host process 'sleep {host_sleeper}' is visible"
 
 
 @pytest.fixture
@@ -30,17 +90,39 @@ def host_sleeper():
 
 def test_only_the_sandboxs_own_processes_are_visible(open_session, server, host_sleeper):
     s = open_session("Bash")
+    marker = unique_marker()
+    s.start(f"sleep {marker}")
+    inside = wait_until(lambda: host_processes_matching(f"sleep {marker}"), 10,
+                        what="the sandbox's sleep on the host")
+    assert len(inside) == 1, inside
+    ns = _pid_namespace(inside[0])
+    assert ns != _pid_namespace(os.getpid()), "the sandbox shares the host's PID namespace"
+    envd = namespace_init(inside[0])
+    assert envd and envd != server.proc.pid and _pid_namespace(envd) == ns, envd
+
+    before = _namespace_pids(ns)
     out = s.run(PS).stdout
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    pids = {int(ln.split()[0]) for ln in lines}
-    assert host_sleeper not in out, f"a host process is visible in the sandbox:\n{out}"
-    assert str(server.data_dir) not in out, f"the server's command line is visible:\n{out}"
-    assert server.proc.pid not in pids or server.proc.pid == 1, "the server's pid is visible"
-    assert 1 in pids, f"the sandbox has no pid 1 of its own:\n{out}"
-    assert len(lines) < 25, f"{len(lines)} processes visible, more than one sandbox's worth:\n{out}"
-    ps = s.run("ps -e -o pid= -o args= 2>/dev/null || echo NO-PS")
-    if ps.stdout != "NO-PS":
-        assert host_sleeper not in ps.stdout and str(server.data_dir) not in ps.stdout, ps.stdout
+    own = before | _namespace_pids(ns)
+    procs, _ = _listing(out)
+    sleeper = int(proc_status(inside[0])["NSpid"].split()[-1])
+    assert {1, sleeper} <= set(procs), f"the listing misses envd or the sandbox's sleep:\n{out}"
+    _assert_only_own_processes(out, own, server.proc.pid, host_sleeper)
+    # The server's host pid names, inside, nothing or one of the sandbox's own processes.
+    if server.proc.pid in procs:
+        assert server.proc.pid in own, f"pid {server.proc.pid} inside is not the sandbox's: {procs}"
+
+
+def test_the_process_check_rejects_the_hosts_view(server, host_sleeper):
+    """_assert_only_own_processes can fail: the host's own process list, seen from a shell that is
+    not in a sandbox, holds processes of other namespaces, the server and the host sleeper."""
+    out = subprocess.run(["bash", "-c", PS], capture_output=True, text=True, check=True).stdout
+    procs, me = _listing(out)
+    assert server.proc.pid in procs, "the host listing misses the server"
+    with pytest.raises(AssertionError):
+        _assert_only_own_processes(out, {me}, server.proc.pid, host_sleeper)
+    # Even granting every other pid as "own", the server's command line and the sleeper are seen.
+    with pytest.raises(AssertionError, match="server's command line|PID 1|sleep"):
+        _assert_only_own_processes(out, set(procs), server.proc.pid, host_sleeper)
 
 
 def test_host_files_are_not_visible(open_session, server):

@@ -1,5 +1,7 @@
 //! `GET /file?path=…` (download) and `POST /file` (multipart upload), wire spec §6. Both stream:
-//! neither holds a whole file in memory.
+//! neither holds a whole file in memory. Both act through `user_fs`: as the sandbox user, else as
+//! root on a path without symlinks, so that no link user code plants redirects a download's open
+//! or an upload's create, rename or remove; what an upload creates is the user's.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::child::{os_error_text, resolve};
-use crate::filesystem::create_file;
+use crate::user_fs::{self, denied_hint};
 use crate::{Config, State, random_id};
 
 /// How much of a file decides its `Content-Type` (as Go's `http.DetectContentType`).
@@ -55,19 +57,22 @@ pub(crate) async fn download(
         return text(StatusCode::BAD_REQUEST, "File path is required".to_owned());
     };
     let file_path = resolve(&state.config, &path);
-    let mut file = match File::open(&file_path).await {
-        Ok(file) => file,
-        Err(error) => {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "File not found: open {}: {}",
-                    file_path.display(),
-                    os_error_text(&error)
-                ),
-            );
-        }
-    };
+    let opened = file_path.clone();
+    let mut file =
+        match user_fs::blocking(&state, move |config| user_fs::open_read(config, &opened)).await {
+            Ok(file) => File::from_std(file),
+            Err(error) => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "File not found: open {}: {}{}",
+                        file_path.display(),
+                        os_error_text(&error),
+                        denied_hint(&state.config, &error)
+                    ),
+                );
+            }
+        };
     let size = match file.metadata().await {
         Ok(meta) if meta.is_dir() => {
             return text(
@@ -202,16 +207,20 @@ pub(crate) async fn upload(
                     .and_then(Path::parent)
                     .unwrap_or(&config.home);
                 let temp = dir.join(format!(".burrow-upload-{}", random_id(12)));
-                let file = create_file(config, &temp, UPLOAD_MODE)
-                    .map(File::from_std)
-                    .map_err(|error| write_failed(&temp, &error));
+                let creating = temp.clone();
+                let file = user_fs::blocking(&state, move |config| {
+                    user_fs::create_file(config, &creating, UPLOAD_MODE)
+                })
+                .await
+                .map(File::from_std)
+                .map_err(|error| write_failed(config, &temp, &error));
                 if file.is_ok() {
                     staged = Some(Staged {
                         temp: temp.clone(),
                         name,
                     });
                 }
-                match receive(&mut field, file, &temp).await {
+                match receive(config, &mut field, file, &temp).await {
                     Ok(Ok(())) => {}
                     Ok(Err(response)) => failed = Some(response),
                     Err(error) => break Err(bad_multipart(&error)),
@@ -232,13 +241,15 @@ pub(crate) async fn upload(
             StatusCode::BAD_REQUEST,
             "the multipart body has no field named 'file'".to_owned(),
         )),
-        (Ok(()), Some(staged)) => place(config, staged, destination).await,
+        (Ok(()), Some(staged)) => place(&state, staged, destination).await,
     };
     match finished {
         Ok(()) => cors(StatusCode::OK.into_response()),
         Err(response) => {
             if let Some(staged) = staged {
-                let _ = tokio::fs::remove_file(&staged.temp).await;
+                let _ =
+                    user_fs::blocking(&state, move |config| user_fs::remove(config, &staged.temp))
+                        .await;
             }
             response
         }
@@ -248,6 +259,7 @@ pub(crate) async fn upload(
 /// Reads a field to its end, writing it to `file`; after a failed write (or without a file) the
 /// rest is read and dropped. The outer error is a malformed body, the inner one the write's.
 async fn receive(
+    config: &Config,
     field: &mut Field<'_>,
     mut file: Result<File, Response>,
     temp: &Path,
@@ -256,14 +268,14 @@ async fn receive(
         if let Ok(open) = &mut file
             && let Err(error) = open.write_all(&chunk).await
         {
-            file = Err(write_failed(temp, &error));
+            file = Err(write_failed(config, temp, &error));
         }
     }
     Ok(match file {
         Ok(mut open) => open
             .flush()
             .await
-            .map_err(|error| write_failed(temp, &error)),
+            .map_err(|error| write_failed(config, temp, &error)),
         Err(response) => Err(response),
     })
 }
@@ -282,10 +294,11 @@ struct Staged {
 
 /// Moves a staged upload to `destination`, or to `<home>/<filename>` without one.
 async fn place(
-    config: &Config,
+    state: &Arc<State>,
     staged: &Staged,
     destination: Option<PathBuf>,
 ) -> Result<(), Response> {
+    let config = &state.config;
     let target = match (destination, &staged.name) {
         (Some(path), _) => path,
         (None, Some(name)) => config.home.join(name),
@@ -296,19 +309,24 @@ async fn place(
             ));
         }
     };
-    match tokio::fs::rename(&staged.temp, &target).await {
-        Ok(()) => Ok(()),
-        Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
-            tokio::fs::copy(&staged.temp, &target)
-                .await
-                .map_err(|error| write_failed(&target, &error))?;
-            std::os::unix::fs::chown(&target, Some(config.uid), Some(config.gid))
-                .map_err(|error| write_failed(&target, &error))?;
-            let _ = tokio::fs::remove_file(&staged.temp).await;
-            Ok(())
+    let temp = staged.temp.clone();
+    let to = target.clone();
+    user_fs::blocking(state, move |config| {
+        match user_fs::rename(config, &temp, &to) {
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+                let mut from = user_fs::open_read(config, &temp)?;
+                io::copy(
+                    &mut from,
+                    &mut user_fs::create_file(config, &to, UPLOAD_MODE)?,
+                )?;
+                let _ = user_fs::remove(config, &temp);
+                Ok(())
+            }
+            moved => moved,
         }
-        Err(error) => Err(write_failed(&target, &error)),
-    }
+    })
+    .await
+    .map_err(|error| write_failed(config, &target, &error))
 }
 
 fn bad_multipart(error: &MultipartError) -> Response {
@@ -318,13 +336,20 @@ fn bad_multipart(error: &MultipartError) -> Response {
     )
 }
 
-fn write_failed(path: &Path, error: &io::Error) -> Response {
+/// A write the sandbox user may not do is the client's to fix (403); any other failure (a full
+/// disk) is envd's (500).
+fn write_failed(config: &Config, path: &Path, error: &io::Error) -> Response {
+    let status = match error.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => StatusCode::FORBIDDEN,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
     text(
-        StatusCode::INTERNAL_SERVER_ERROR,
+        status,
         format!(
-            "error writing file {}: {}",
+            "error writing file {}: {}{}",
             path.display(),
-            os_error_text(error)
+            os_error_text(error),
+            denied_hint(config, error)
         ),
     )
 }

@@ -1,11 +1,11 @@
 //! The `filesystem` service (wire spec §5.1). Paths are the sandbox's own; relative ones resolve
-//! against the user's home. Files and directories envd creates belong to the sandbox user
-//! (DECISIONS #9). Work runs on blocking threads so that a slow disk does not stall the runtime.
+//! against the user's home. Every call acts through `user_fs`: as the sandbox user, else as root
+//! on a path without symlinks, so that no link user code plants redirects it; what it creates
+//! belongs to the user (DECISIONS #9). Work runs on blocking threads so that a slow disk does not
+//! stall the runtime.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, chown, fchown};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use crate::child::{os_error_text, resolve};
 use crate::connection::{Handler, Outcome, Subscriber};
 use crate::hub::Topic;
 use crate::rpc::{Args, CallResult, RpcError};
+use crate::user_fs::{self, denied_hint};
 use crate::{Config, State};
 
 /// Largest file `read`/`readBase64` return: the whole content is held in memory (several times,
@@ -129,17 +130,13 @@ fn list(config: &Config, path: &str) -> CallResult {
     let dir = resolve(config, path);
     let fail = |error: io::Error| {
         RpcError::handler(format!(
-            "error listing files in '{path}': open {}: {}",
+            "error listing files in '{path}': open {}: {}{}",
             dir.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     };
-    let mut entries = Vec::new();
-    for entry in fs::read_dir(&dir).map_err(fail)? {
-        let entry = entry.map_err(fail)?;
-        let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
-        entries.push((entry.file_name(), is_dir));
-    }
+    let mut entries = user_fs::list_dir(config, &dir).map_err(fail)?;
     entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let entries: Vec<Entry> = entries
         .into_iter()
@@ -159,7 +156,8 @@ fn read_bytes(config: &Config, path: &str) -> Result<Vec<u8>, RpcError> {
             file_path.display()
         ))
     };
-    let file = File::open(&file_path).map_err(|e| fail("open", os_error_text(&e)))?;
+    let file = user_fs::open_read(config, &file_path)
+        .map_err(|e| fail("open", os_error_text(&e) + &denied_hint(config, &e)))?;
     let too_large = |size: u64| {
         fail(
             "read",
@@ -187,34 +185,16 @@ fn write(config: &Config, path: &str, content: &[u8]) -> CallResult {
     let file_path = resolve(config, path);
     let fail = |op: &str, error: io::Error| {
         RpcError::handler(format!(
-            "error writing to file '{path}': {op} {}: {}",
+            "error writing to file '{path}': {op} {}: {}{}",
             file_path.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     };
-    let mut file = create_file(config, &file_path, FILE_MODE).map_err(|e| fail("open", e))?;
+    let mut file =
+        user_fs::create_file(config, &file_path, FILE_MODE).map_err(|e| fail("open", e))?;
     file.write_all(content).map_err(|e| fail("write", e))?;
     Ok(Value::Null)
-}
-
-/// Creates or truncates `path`. A file created here is given to the sandbox user; an existing
-/// one keeps its owner.
-pub(crate) fn create_file(config: &Config, path: &Path, mode: u32) -> io::Result<File> {
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-    {
-        Ok(file) => {
-            fchown(&file, Some(config.uid), Some(config.gid))?;
-            Ok(file)
-        }
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-            OpenOptions::new().write(true).truncate(true).open(path)
-        }
-        Err(error) => Err(error),
-    }
 }
 
 /// `filesystem_makeDir [path]`: `mkdir -p`.
@@ -222,29 +202,25 @@ fn make_dir(config: &Config, path: &str) -> CallResult {
     let dir = resolve(config, path);
     create_dirs(config, &dir).map_err(|error| {
         RpcError::handler(format!(
-            "error creating directory '{path}': mkdir {}: {}",
+            "error creating directory '{path}': mkdir {}: {}{}",
             dir.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))
     })?;
     Ok(Value::Null)
 }
 
+/// `mkdir -p`: each directory made is the user's.
 fn create_dirs(config: &Config, dir: &Path) -> io::Result<()> {
-    match fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => return Ok(()),
-        Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error),
-    }
-    if let Some(parent) = dir.parent() {
-        create_dirs(config, parent)?;
-    }
-    match DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => chown(dir, Some(config.uid), Some(config.gid)),
-        // Created concurrently: fine, as with `mkdir -p`.
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(error) => Err(error),
+    match user_fs::make_dir(config, dir, DIR_MODE) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                create_dirs(config, parent)?;
+            }
+            user_fs::make_dir(config, dir, DIR_MODE)
+        }
+        made => made,
     }
 }
 
@@ -255,18 +231,14 @@ fn remove(config: &Config, path: &str) -> CallResult {
         return Ok(Value::Null);
     }
     let target = resolve(config, path);
-    let removed = match fs::symlink_metadata(&target) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(&target),
-        Ok(_) => fs::remove_file(&target),
-        Err(error) => Err(error),
-    };
-    match removed {
+    match user_fs::remove(config, &target) {
         Ok(()) => Ok(Value::Null),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Value::Null),
         Err(error) => Err(RpcError::handler(format!(
-            "error removing file or directory '{path}': unlinkat {}: {}",
+            "error removing file or directory '{path}': unlinkat {}: {}{}",
             target.display(),
-            os_error_text(&error)
+            os_error_text(&error),
+            denied_hint(config, &error)
         ))),
     }
 }

@@ -24,6 +24,7 @@ mod reaper;
 mod rpc;
 mod terminal;
 mod tunnel;
+mod user_fs;
 mod watch;
 
 use std::path::PathBuf;

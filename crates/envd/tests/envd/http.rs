@@ -16,7 +16,7 @@ fn get(uri: &str) -> Request<Full<Bytes>> {
 }
 
 /// A multipart body with the given (name, filename, content) parts.
-fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Full<Bytes>> {
+pub(crate) fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Full<Bytes>> {
     let boundary = "burrowtestboundary";
     let mut body = Vec::new();
     for (name, filename, content) in parts {

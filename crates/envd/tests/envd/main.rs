@@ -7,6 +7,7 @@ mod ports;
 mod process;
 mod props;
 mod rpc;
+mod symlinks;
 mod terminal;
 
 use std::collections::VecDeque;
@@ -43,6 +44,13 @@ impl Sandbox {
 
     /// Starts envd once `prepare` has filled the home directory.
     pub async fn start_with_home(prepare: impl FnOnce(&std::path::Path)) -> Self {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        Self::start_as(uid.as_raw(), gid.as_raw(), prepare).await
+    }
+
+    /// Starts envd for the sandbox user `uid`/`gid` (envd itself runs as this test process),
+    /// once `prepare` has filled the home directory, which then is the user's.
+    pub async fn start_as(uid: u32, gid: u32, prepare: impl FnOnce(&std::path::Path)) -> Self {
         let root = std::env::temp_dir().join(format!(
             "burrow-envd-test-{}-{:016x}",
             std::process::id(),
@@ -51,13 +59,21 @@ impl Sandbox {
         let home = root.join("home");
         std::fs::create_dir_all(&home).unwrap();
         prepare(&home);
+        if (uid, gid)
+            != (
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw(),
+            )
+        {
+            std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
+        }
         let workdir = root.join("work");
         std::fs::create_dir_all(&workdir).unwrap();
         let socket = root.join("envd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let config = Config {
-            uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
+            uid,
+            gid,
             user: "user".to_owned(),
             home: home.clone(),
             workdir: workdir.clone(),
