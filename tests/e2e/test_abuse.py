@@ -615,6 +615,13 @@ def test_hundreds_of_live_sessions(new_server):
     srv = new_server(ttl="300s", pool_size=1, extra_args=["--team-share", "1"])
     key = srv.create_key("many")
     pid = srv.proc.pid
+    run_dir = Path(srv.data_dir) / "run"
+    envs = srv.request("GET", "/openapi.json").json()["components"]["schemas"]["NewSession"]["properties"][
+        "codeSnippetID"]["enum"]
+    # Measured with the pool full, as it is again at the end: each pooled sandbox holds
+    # descriptors of the server's (its pidfd, and its id range's user namespace, kept for reuse).
+    wait_until(lambda: len(os.listdir(run_dir)) == len(envs), 30, what="the pool to fill")
+    time.sleep(1)
     base = {"fds": fds(pid), "rss": vm_rss_kib(pid)}
     created: list = []
     create_latency: list = []
@@ -659,9 +666,6 @@ def test_hundreds_of_live_sessions(new_server):
         print(f"deleted {len(created)} sessions in {time.monotonic() - t_del:.1f} s")
     assert statuses == [204] * len(created)
     assert srv.list_sessions(key) == []
-    run_dir = Path(srv.data_dir) / "run"
-    envs = srv.request("GET", "/openapi.json").json()["components"]["schemas"]["NewSession"]["properties"][
-        "codeSnippetID"]["enum"]
     wait_until(lambda: len(os.listdir(run_dir)) == len(envs), 30,
                what="only the pooled sandboxes to remain")
     wait_until(lambda: fds(pid) <= base["fds"] + 10, 15,

@@ -1,7 +1,7 @@
 //! [`Namespaces`]: the [`Backend`] that runs each sandbox in its own Linux namespaces, on the
 //! host's kernel, limited by cgroups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,6 +35,8 @@ use crate::{
 };
 
 /// How long a destroy waits for the sandbox's processes to die.
+/// How many slots' idmapping user namespaces a server keeps (see `Inner::idmaps`).
+const IDMAP_CACHE: usize = 8;
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a destroy waits after a kill before it kills again.
 const KILL_ROUND: Duration = Duration::from_millis(100);
@@ -73,9 +75,10 @@ struct Inner {
     cgroups: Cgroups,
     /// `<data>/ids`: the sandboxes' host id ranges.
     ids: IdSlots,
-    /// Per slot, the user namespace that idmaps the stored roots to the slot's range: made once
-    /// per slot and server run (its map never changes), as making one takes a clone.
-    idmaps: Mutex<HashMap<u32, Arc<OwnedFd>>>,
+    /// Per slot, the user namespace that idmaps the stored roots to the slot's range, for the
+    /// [`IDMAP_CACHE`] slots used last, most recent last: making one takes a clone, and freed
+    /// slots are reused first, so a few cover most creates; each held one is a descriptor.
+    idmaps: Mutex<VecDeque<(u32, Arc<OwnedFd>)>>,
     /// Each sandbox this process started.
     children: Mutex<HashMap<String, Own>>,
 }
@@ -141,7 +144,7 @@ impl Namespaces {
                 stage,
                 cgroups,
                 ids,
-                idmaps: Mutex::new(HashMap::new()),
+                idmaps: Mutex::new(VecDeque::new()),
                 children: Mutex::new(HashMap::new()),
             }),
         })
@@ -361,20 +364,26 @@ impl Inner {
 
     /// A detached mount of `rootfs` that shows its stored owners as the slot's ids.
     fn idmapped_root(&self, rootfs: &Path, slot: &IdSlot) -> Result<OwnedFd, Error> {
-        let cached = self.idmaps().get(&slot.index).cloned();
-        let userns = match cached {
-            Some(userns) => userns,
-            None => {
-                let made = idmap::user_namespace(self.config.uid_base, slot.base())?;
-                let made = Arc::new(made);
-                self.idmaps().insert(slot.index, Arc::clone(&made));
-                made
-            }
+        let cached = {
+            let mut idmaps = self.idmaps();
+            let at = idmaps.iter().position(|(index, _)| *index == slot.index);
+            at.and_then(|at| idmaps.remove(at))
         };
+        let userns = match cached {
+            Some((_, userns)) => userns,
+            None => Arc::new(idmap::user_namespace(self.config.uid_base, slot.base())?),
+        };
+        {
+            let mut idmaps = self.idmaps();
+            idmaps.push_back((slot.index, Arc::clone(&userns)));
+            if idmaps.len() > IDMAP_CACHE {
+                idmaps.pop_front();
+            }
+        }
         idmap::idmapped_tree(rootfs, userns.as_fd()).ctx("make an idmapped mount of", rootfs)
     }
 
-    fn idmaps(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<OwnedFd>>> {
+    fn idmaps(&self) -> std::sync::MutexGuard<'_, VecDeque<(u32, Arc<OwnedFd>)>> {
         self.idmaps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

@@ -74,8 +74,9 @@ pub struct EditBase {
     pub rootfs: PathBuf,
 }
 
-/// Read connections of the shared file kept for reuse; more are opened while this many are busy.
-const IDLE_READERS: usize = 8;
+/// Read connections of the shared file kept for reuse (each holds two descriptors); more are
+/// opened while these are busy, and closed after.
+const IDLE_READERS: usize = 2;
 
 pub struct Store {
     shared_path: PathBuf,
