@@ -10,6 +10,8 @@
 //! - services: `filesystem` (+ `watch`), `process`, `terminal`, `ports` (`codeSnippet`), sharing
 //!   `child` (how children start and are read) and `reaper`;
 //! - plain HTTP: `file` (`/file`), `tunnel` (`/tunnel/{port}`), `/ping`.
+//! - `connect`: the Connect services the current E2B SDKs call (`/process.Process/*`, e2b v2 wire
+//!   spec §5-§6), beside the JSON-RPC above.
 
 mod child;
 mod connect;

@@ -123,11 +123,8 @@ impl Processes {
     fn insert(&self, process: Arc<Process>) {
         // A retained end of an earlier process with this pid or tag must not answer for it.
         lock(&self.ended).retain(|pid, entry| {
-            *pid != process.pid || (process.tag.is_some() && entry.tag == process.tag)
+            *pid != process.pid && (process.tag.is_none() || entry.tag != process.tag)
         });
-        if process.tag.is_some() {
-            lock(&self.ended).retain(|_, entry| entry.tag != process.tag);
-        }
         lock(&self.live).insert(process.pid, process);
     }
 
