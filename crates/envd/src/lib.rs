@@ -10,8 +10,11 @@
 //! - services: `filesystem` (+ `watch`), `process`, `terminal`, `ports` (`codeSnippet`), sharing
 //!   `child` (how children start and are read) and `reaper`;
 //! - plain HTTP: `file` (`/file`), `tunnel` (`/tunnel/{port}`), `/ping`.
+//! - `connect`: the Connect services the current E2B SDKs call (`/process.Process/*`, e2b v2 wire
+//!   spec §5-§6), beside the JSON-RPC above.
 
 mod child;
+mod connect;
 mod connection;
 mod file;
 mod filesystem;
@@ -33,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State as Shared};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 /// Who envd runs processes and terminals as, and the environment they start from.
 #[derive(Debug, Clone)]
@@ -87,6 +90,8 @@ pub(crate) struct State {
     pub(crate) config: Config,
     pub(crate) hub: hub::Hub,
     pub(crate) processes: process::Processes,
+    /// Processes started over Connect (`process.Process`), by pid.
+    pub(crate) connect_processes: connect::Processes,
     pub(crate) terminals: terminal::Terminals,
     pub(crate) watcher: watch::Watcher,
     pub(crate) first_shell: first_shell::FirstShell,
@@ -100,6 +105,7 @@ impl State {
             config,
             hub: hub::Hub::default(),
             processes: process::Processes::default(),
+            connect_processes: connect::Processes::default(),
             terminals: terminal::Terminals::default(),
             watcher: watch::Watcher::default(),
             next_connection: AtomicU64::new(1),
@@ -139,6 +145,8 @@ fn router(state: Arc<State>) -> Router {
                 .options(file::preflight),
         )
         .route("/tunnel/{port}", get(tunnel::open))
+        // The Connect services of the current E2B SDKs (e2b v2 wire spec §5-§6).
+        .route("/process.Process/{method}", post(connect::process))
         // Uploads are streamed to disk; the sandbox's disk limit bounds them, not envd.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

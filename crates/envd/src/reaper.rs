@@ -25,20 +25,69 @@ pub(crate) const KILLED_BY_SIGNAL: i32 = -1;
 /// stream was listening (several runtimes in one test process share the signal).
 const FALLBACK_SWEEP: Duration = Duration::from_secs(2);
 
+/// How a child ended, for callers that report more than the exit code (the Connect `process`
+/// service words it like Go's `ProcessState.String()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    Code(i32),
+    Signal {
+        signal: i32,
+        core_dumped: bool,
+    },
+    /// Someone else reaped the child; its status is lost.
+    Lost,
+}
+
+impl Exit {
+    /// The exit code, [`KILLED_BY_SIGNAL`] when there is none.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Self::Code(code) => code,
+            Self::Signal { .. } | Self::Lost => KILLED_BY_SIGNAL,
+        }
+    }
+}
+
+/// Hands an exit status to whoever waits for it.
+type Waiter = Box<dyn FnOnce(Exit) + Send>;
+
 /// Pids spawned through [`spawn`] whose exit status someone waits for. Process-wide, because
 /// `waitpid` is.
-static WAITING: LazyLock<Mutex<HashMap<Pid, oneshot::Sender<i32>>>> =
-    LazyLock::new(Default::default);
+static WAITING: LazyLock<Mutex<HashMap<Pid, Waiter>>> = LazyLock::new(Default::default);
 
 /// Spawns `command` and registers its pid before the reaper can see it exit: the registry lock is
 /// held across the fork.
 pub(crate) fn spawn(command: &mut Command) -> io::Result<(Child, oneshot::Receiver<i32>)> {
+    let (exited, exit_code) = oneshot::channel();
+    let child = spawn_waiting(
+        command,
+        Box::new(move |exit: Exit| {
+            let _ = exited.send(exit.code());
+        }),
+    )?;
+    Ok((child, exit_code))
+}
+
+/// [`spawn`], reporting how the child ended rather than only its exit code.
+pub(crate) fn spawn_with_status(
+    command: &mut Command,
+) -> io::Result<(Child, oneshot::Receiver<Exit>)> {
+    let (exited, status) = oneshot::channel();
+    let child = spawn_waiting(
+        command,
+        Box::new(move |exit| {
+            let _ = exited.send(exit);
+        }),
+    )?;
+    Ok((child, status))
+}
+
+fn spawn_waiting(command: &mut Command, waiter: Waiter) -> io::Result<Child> {
     let mut waiting = lock(&WAITING);
     let child = command.spawn()?;
-    let (exited, exit_code) = oneshot::channel();
     let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
-    waiting.insert(Pid::from_raw(pid), exited);
-    Ok((child, exit_code))
+    waiting.insert(Pid::from_raw(pid), waiter);
+    Ok(child)
 }
 
 /// Registers the SIGCHLD listener; fails only if signals cannot be set up at all.
@@ -79,7 +128,7 @@ fn reap() {
                 Err(Errno::ECHILD) => {
                     // Someone else reaped it; the status is lost, but the waiter must not hang.
                     if let Some(exited) = waiting.remove(&pid) {
-                        let _ = exited.send(KILLED_BY_SIGNAL);
+                        exited(Exit::Lost);
                     }
                 }
                 Err(_) => {}
@@ -88,15 +137,21 @@ fn reap() {
     }
 }
 
-fn deliver(waiting: &mut HashMap<Pid, oneshot::Sender<i32>>, status: WaitStatus) {
-    let (pid, code) = match status {
-        WaitStatus::Exited(pid, code) => (pid, code),
-        WaitStatus::Signaled(pid, _, _) => (pid, KILLED_BY_SIGNAL),
+fn deliver(waiting: &mut HashMap<Pid, Waiter>, status: WaitStatus) {
+    let (pid, exit) = match status {
+        WaitStatus::Exited(pid, code) => (pid, Exit::Code(code)),
+        WaitStatus::Signaled(pid, signal, core_dumped) => (
+            pid,
+            Exit::Signal {
+                signal: signal as i32,
+                core_dumped,
+            },
+        ),
         // Stops and continues are only reported with flags we never pass.
         _ => return,
     };
     if let Some(exited) = waiting.remove(&pid) {
-        let _ = exited.send(code);
+        exited(exit);
     }
 }
 
@@ -111,5 +166,14 @@ mod tests {
         assert_eq!(exited.await.unwrap(), 7);
         let (_, exited) = spawn(Command::new("/bin/sh").args(["-c", "kill -9 $$"])).unwrap();
         assert_eq!(exited.await.unwrap(), KILLED_BY_SIGNAL);
+        let (_, status) =
+            spawn_with_status(Command::new("/bin/sh").args(["-c", "kill -TERM $$"])).unwrap();
+        assert_eq!(
+            status.await.unwrap(),
+            Exit::Signal {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+        );
     }
 }

@@ -147,7 +147,7 @@ fn start(state: &Arc<State>, args: &Args) -> Result<Outcome, RpcError> {
 
 /// A pseudo-terminal pair of `cols`×`rows`: the master non-blocking for envd, the slave for the
 /// shell. Both close on exec so that no other child inherits them.
-fn open_pty(cols: u16, rows: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_pty(cols: u16, rows: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
     let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
     grantpt(&master)?;
     unlockpt(&master)?;
@@ -164,7 +164,7 @@ fn open_pty(cols: u16, rows: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave))
 }
 
-fn set_size(master: &impl AsFd, cols: u16, rows: u16) -> nix::Result<()> {
+pub(crate) fn set_size(master: &impl AsFd, cols: u16, rows: u16) -> nix::Result<()> {
     let size = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -272,7 +272,7 @@ async fn publish_chunk(state: &State, topic: &Topic, chunk: &str) {
 
 /// The master side of a terminal as an async byte stream. Linux reports a hung-up terminal as
 /// EIO on read, which is its end of file.
-struct Pty(Arc<AsyncFd<OwnedFd>>);
+pub(crate) struct Pty(pub(crate) Arc<AsyncFd<OwnedFd>>);
 
 impl AsyncRead for Pty {
     fn poll_read(

@@ -1,6 +1,7 @@
 //! End-to-end tests of envd: a real server on a unix socket in a temporary directory, spoken to
 //! over real websocket JSON-RPC and HTTP, as the gateway and the SDK speak to it.
 
+mod connect;
 mod filesystem;
 mod http;
 mod ports;
