@@ -123,3 +123,23 @@ def test_creates_past_the_free_disk_are_refused(new_server):
     used = sum(p.stat().st_blocks * 512 for p in (srv.data_dir / "layers").rglob("*.img"))
     assert used < 64 * MIB, used
     wait_until(lambda: len(loop_devices_of(srv.data_dir)) == 2, 5, what="two layers")
+
+
+def test_a_restart_keeps_adopted_layers_and_removes_orphaned_ones(new_server):
+    srv = new_server(pool_size=0, ttl="60s", extra_args=["--disk", "64MiB"])
+    key = srv.create_key("disk-restart")
+    session = srv.create_session(key, "Bash")
+    with srv.envd(session) as envd:
+        assert run(envd, "echo kept > $HOME/f && echo ok")[0] == ["ok"]
+    layers = srv.data_dir / "layers"
+    (image,) = layers.glob("*.img")
+    # An image no sandbox holds (its server died between making it and starting the sandbox).
+    orphan = layers / "orphan0layer.img"
+    orphan.write_bytes(b"")
+    srv.restart(graceful=False)
+    wait_until(lambda: not orphan.exists(), 10, what="the orphaned image to be removed")
+    assert image.exists() and len(loop_devices_of(srv.data_dir)) == 1
+    with srv.envd(session) as envd:
+        assert run(envd, "cat $HOME/f")[0] == ["kept"]
+    assert srv.delete(session["sessionID"], key).status == 204
+    assert not image.exists() and loop_devices_of(srv.data_dir) == {}
