@@ -123,6 +123,10 @@ pub(crate) struct Layers {
     /// The templates made or found by this process, by disk size. Held while one is made, so
     /// that concurrent first starts of a size make it once.
     made: Mutex<HashMap<u64, PathBuf>>,
+    /// Held while a loop device is found and bound: every start asking at once would be given
+    /// the same free device, and all but one would have to ask again, over and over (a burst
+    /// of 100 creates ran out of retries).
+    binding: Mutex<()>,
 }
 
 impl Layers {
@@ -140,6 +144,7 @@ impl Layers {
             dir,
             templates,
             made: Mutex::new(HashMap::new()),
+            binding: Mutex::new(()),
         };
         match Command::new("mkfs.ext4").arg("-V").output() {
             Ok(out) if out.status.success() => {}
@@ -184,7 +189,8 @@ impl Layers {
     pub(crate) fn make(&self, id: &str, disk_bytes: u64, owner: u32) -> Result<OwnedFd, Error> {
         let template = self.template(disk_bytes)?;
         let image = self.image(id);
-        let made = copy_sparse(&template, &image).and_then(|()| mount(&image, owner));
+        let made =
+            copy_sparse(&template, &image).and_then(|()| mount(&image, owner, &self.binding));
         if made.is_err() {
             let _ = fs::remove_file(&image);
         }
@@ -418,14 +424,19 @@ fn copy_sparse(template: &Path, image: &Path) -> Result<(), Error> {
 
 /// Attaches `image` to a free loop device, mounts its ext4 (detached) and gives its root to
 /// `owner`.
-fn mount(image: &Path, owner: u32) -> Result<OwnedFd, Error> {
+/// `binding` is held while the loop device is found and bound.
+fn mount(image: &Path, owner: u32, binding: &Mutex<()>) -> Result<OwnedFd, Error> {
     let file = File::options()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(image)
         .ctx("open", image)?;
-    let (device, loop_fd) = attach_loop(&file, image)?;
+    let bound = {
+        let _one_at_a_time = binding.lock().unwrap_or_else(PoisonError::into_inner);
+        attach_loop(&file, image)
+    };
+    let (device, loop_fd) = bound?;
     let step = |what: &str| format!("mount {} ({what})", device.display());
     let source = CString::new(device.as_os_str().as_bytes()).expect("a device path has no NUL");
     let io = |what: &str, e: std::io::Error| Error::Setup {
@@ -471,7 +482,8 @@ fn attach_loop(file: &File, image: &Path) -> Result<(PathBuf, OwnedFd), Error> {
     let bytes = image.as_os_str().as_bytes();
     let kept = bytes.len().min(name.len() - 1);
     name[..kept].copy_from_slice(&bytes[..kept]);
-    // Another process may take the free device between the two calls (EBUSY): ask again.
+    // Another process (a `burrow sandbox-run`, losetup) may take the free device between the
+    // two calls (EBUSY): ask again.
     for _ in 0..64 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let number = unsafe { libc::ioctl(control.as_raw_fd(), sys::LOOP_CTL_GET_FREE) };
