@@ -54,7 +54,8 @@ pub struct ServeArgs {
     /// Process limit per sandbox.
     #[arg(long, default_value_t = 256)]
     pids: u64,
-    /// Size of each sandbox's writable filesystem layer.
+    /// Size of each sandbox's writable filesystem layer: an ext4 filesystem of its own, in a
+    /// sparse file under the data dir.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     disk: u64,
     /// Relative CPU weight per sandbox (1-10000; 100 is an equal share).
@@ -70,8 +71,13 @@ pub struct ServeArgs {
     /// sandboxes use a few MiB of theirs); creates beyond it get 503.
     #[arg(long, default_value_t = 8.0, value_parser = parse_positive)]
     memory_overcommit: f64,
-    /// The part (0-1] of the host's promised memory and processes one team's sessions may hold;
-    /// creates beyond it get 429.
+    /// How many times over the data dir's free space (at start, less 10% of it or 1 GiB,
+    /// whichever is more) the sandboxes' disk limits may add up to; creates beyond it get 503.
+    /// Above 1, sandboxes that all fill their disks fill the data dir's filesystem.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_positive)]
+    disk_overcommit: f64,
+    /// The part (0-1] of the host's promised memory, processes and disk one team's sessions may
+    /// hold; creates beyond it get 429.
     #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
     team_share: f64,
     /// Custom environments (`/envs`) one team may have; more get 429.
@@ -359,7 +365,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_sessions_per_team: args.max_sessions_per_team,
             min_available_memory: args.min_available_memory,
             client_id: node_id.clone(),
-            host_budget: Budget::of_host(args.memory_overcommit),
+            host_budget: Budget::of_host(args.memory_overcommit, &data_dir, args.disk_overcommit)
+                .with_context(|| {
+                format!("cannot read the free space of {}", data_dir.display())
+            })?,
             team_share: args.team_share,
             max_environments_per_team: args.max_environments_per_team,
             edit_quota_per_team: args.edit_quota_per_team,

@@ -97,6 +97,20 @@ pub enum Error {
     )]
     IdMappedMounts { dir: PathBuf, reason: String },
 
+    #[error(
+        "cannot make the sandboxes' writable layers: {reason}. burrow keeps what each sandbox \
+         writes on an ext4 filesystem of its own, on a loop device over a sparse file in the data \
+         dir: it needs mkfs.ext4 (e2fsprogs), loop devices and ext4"
+    )]
+    Layer { reason: String },
+
+    #[error(
+        "the writable layer of sandbox {id} is still attached to {device} after its processes \
+         are gone: something on the host holds its filesystem or device open (see `lsof` or \
+         `fuser -m`); the destroy is retried"
+    )]
+    LayerBusy { id: String, device: PathBuf },
+
     #[error("sandbox {id} is not running: its PID 1 is gone")]
     Gone { id: String },
 

@@ -1,8 +1,8 @@
 //! The sandbox's side of the start, run by `burrow sandbox-init` as PID 1 of the new
 //! namespaces, as root of its user namespace (the first host id of the sandbox's own range).
 //!
-//! [`receive`] takes what the server sends on fd 3; [`enter`] builds the sandbox's root (a
-//! tmpfs-backed overlay of the environment's rootfs, read-only binds, fresh `/proc`, minimal
+//! [`receive`] takes what the server sends on fd 3; [`enter`] builds the sandbox's root (an
+//! overlay of the environment's rootfs under the writable layer the server made, read-only binds, fresh `/proc`, minimal
 //! `/dev`), binds envd's socket in the run directory (on the host's filesystem,
 //! before the host disappears from view), pivots into the new root, brings up `lo`, and locks the
 //! process down (capabilities, `no_new_privs`, seccomp). The caller then becomes envd, or runs a
@@ -14,7 +14,6 @@
 //! belong to the sandbox's mount namespace (mounts only accept those), and sends them over the
 //! control socket. Every one of them is closed before the pivot.
 
-use std::ffi::CString;
 use std::fs;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -37,13 +36,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, SetupContext};
 
 /// The control socket from the server: a go byte (taken before the `execve`), one byte carrying
-/// the three directories of [`Dirs`], the sandbox's id range lock and, for an environment built
+/// the three directories and the writable layer of [`Dirs`], the sandbox's id range lock and,
+/// for an environment built
 /// as an image, its version's pin (`SCM_RIGHTS`), then one JSON [`InitConfig`], then EOF.
 /// The sandbox closes it once built, which tells the server that envd's socket is listening.
 pub const CONTROL_FD: RawFd = 3;
 
-/// PID 1 keeps the sandbox's writable tmpfs open on this descriptor (close-on-exec, so no
-/// process it starts inherits it) for its whole life. The tmpfs is mounted nowhere a path leads
+/// PID 1 keeps the sandbox's writable layer open on this descriptor (close-on-exec, so no
+/// process it starts inherits it) for its whole life. The layer is mounted nowhere a path leads
 /// to, so this is how the host reaches what the sandbox wrote, as
 /// `/proc/<pid 1>/fd/100/upper` (see `Namespaces::freeze`): an edit session's changes.
 pub const LAYER_FD: RawFd = 100;
@@ -55,8 +55,6 @@ pub const SOCKET_NAME: &str = "envd.sock";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitConfig {
     pub hostname: String,
-    /// Size of the tmpfs that holds everything the sandbox writes.
-    pub disk_bytes: u64,
     pub binds: Vec<Bind>,
     pub user: User,
     pub env: Vec<(String, String)>,
@@ -161,10 +159,13 @@ pub struct Dirs {
     /// mount of it, idmapped by the server so that its owners (stored from `uid_base`) show as
     /// this sandbox's ids (see `crate::idmap`).
     rootfs: OwnedFd,
-    /// An empty directory to mount the sandbox's writable tmpfs on, in its own mount namespace.
+    /// An empty directory to attach the sandbox's writable layer on, in its own mount namespace.
     stage: OwnedFd,
     /// The sandbox's run directory, where envd's socket goes.
     run: OwnedFd,
+    /// The writable layer: a detached mount of the filesystem the server made for this sandbox
+    /// (see `crate::layer`), its root owned by the sandbox's root.
+    layer: OwnedFd,
     /// The exclusive lock on the sandbox's host id range (see `crate::ids`): held until this
     /// process, PID 1, exits, so the range is in use exactly as long as the sandbox lives.
     ids: OwnedFd,
@@ -176,11 +177,11 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    /// Sends rootfs, stage and run directory, in this order, the id range's lock, then the
-    /// image's pin if there is one, as [`receive`] takes them.
+    /// Sends rootfs, stage and run directory and the writable layer, in this order, the id
+    /// range's lock, then the image's pin if there is one, as [`receive`] takes them.
     pub(crate) fn send(
         socket: &impl AsRawFd,
-        dirs: &[OwnedFd; 3],
+        dirs: &[OwnedFd; 4],
         ids: &OwnedFd,
         pin: Option<&OwnedFd>,
     ) -> nix::Result<()> {
@@ -203,7 +204,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
     let socket = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     let step = || "receive the directories from the server".to_owned();
     let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([RawFd; 5]);
+    let mut space = nix::cmsg_space!([RawFd; 6]);
     let mut data = [std::io::IoSliceMut::new(&mut byte)];
     let message = recvmsg::<()>(
         socket.as_raw_fd(),
@@ -223,16 +224,17 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
             received.push(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
-    let pin = if received.len() == 5 {
+    let pin = if received.len() == 6 {
         received.pop()
     } else {
         None
     };
-    let [rootfs, stage, run, ids]: [OwnedFd; 4] = received
+    let [rootfs, stage, run, layer, ids]: [OwnedFd; 5] = received
         .try_into()
         .map_err(|_| {
             std::io::Error::other(
-                "expected three directories, an id range lock (and a pin, for an image)",
+                "expected three directories, a writable layer, an id range lock (and a pin, for \
+                 an image)",
             )
         })
         .step(step)?;
@@ -242,6 +244,7 @@ pub fn receive() -> Result<(InitConfig, Dirs), Error> {
         rootfs,
         stage,
         run,
+        layer,
         ids,
         pin,
         control: socket,
@@ -264,6 +267,7 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
         rootfs,
         stage,
         run,
+        layer,
         ids,
         pin,
         control,
@@ -288,7 +292,7 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
     )
     .step(|| "make the mount tree private".into())?;
 
-    let layer = writable_layer(config.disk_bytes, &stage)?;
+    writable_layer(&layer, &stage)?;
     mount_overlay(&rootfs, &layer)?;
     keep_layer(layer)?;
     drop((rootfs, stage));
@@ -342,32 +346,26 @@ fn fd_path(fd: &impl AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// Mounts a tmpfs of `size` bytes on the stage directory and makes `upper`, `work` and `root`
-/// in it. The new mount API gives a descriptor of the tmpfs itself, the only way to reach it:
-/// the stage is known only as a descriptor, and a path through that one leads under the mount.
-fn writable_layer(size: u64, stage: &OwnedFd) -> Result<OwnedFd, Error> {
-    let step = |what: &str| format!("mount the sandbox's writable tmpfs ({what})");
-    let fs = new_mount::open(c"tmpfs").step(|| step("fsopen"))?;
-    let size = CString::new(size.to_string()).expect("digits have no NUL");
-    new_mount::set(&fs, c"size", &size).step(|| step("size"))?;
-    new_mount::set(&fs, c"mode", c"0755").step(|| step("mode"))?;
-    let layer = new_mount::create(&fs, libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV)
-        .step(|| step("fsmount"))?;
-    new_mount::attach(&layer, stage).step(|| step("move_mount"))?;
+/// Attaches the writable layer on the stage directory (overlayfs takes layers from this mount
+/// namespace only) and makes `upper`, `work` and `root` in it. The layer's descriptor is the
+/// only way to reach it: the stage is known only as a descriptor, and a path through that one
+/// leads under the mount.
+fn writable_layer(layer: &OwnedFd, stage: &OwnedFd) -> Result<(), Error> {
+    new_mount::attach(layer, stage).step(|| "attach the sandbox's writable layer".into())?;
     for dir in ["upper", "work", "root"] {
-        let path = fd_path(&layer).join(dir);
+        let path = fd_path(layer).join(dir);
         fs::create_dir(&path).step(|| format!("create {}", path.display()))?;
     }
-    Ok(layer)
+    Ok(())
 }
 
-/// Mounts the overlay (environment rootfs below, tmpfs above) and moves into it: from here on,
+/// Mounts the overlay (environment rootfs below, writable layer above) and moves into it: from here on,
 /// relative paths are inside the sandbox's root, absolute ones still on the host.
 ///
 /// The rootfs is a detached mount made by the host's root; overlayfs takes a lower layer from
 /// this mount namespace only, so it is attached on `lower` in the tmpfs first, and detached
 /// again once the overlay holds its own reference: nothing then reaches the shared root but
-/// the overlay (not even `/proc/1/fd/100`, the tmpfs kept open).
+/// the overlay (not even `/proc/1/fd/100`, the writable layer kept open).
 fn mount_overlay(rootfs: &OwnedFd, layer: &OwnedFd) -> Result<(), Error> {
     let layer_path = fd_path(layer);
     let target = layer_path.join("root");
@@ -738,7 +736,8 @@ fn mount_point(path: &Path, is_dir: bool) -> Result<(), Error> {
 }
 
 /// The new mount API (fsopen, fsmount, move_mount, mount_setattr), which nix does not wrap.
-mod new_mount {
+/// The server uses it too, to mount the writable layers (`crate::layer`).
+pub(crate) mod new_mount {
     use std::ffi::CStr;
     use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -853,7 +852,6 @@ mod tests {
     fn config_round_trips_through_json() {
         let config = InitConfig {
             hostname: "sandbox".into(),
-            disk_bytes: 1 << 30,
             binds: vec![Bind {
                 host: "/usr".into(),
                 inside: "/usr".into(),

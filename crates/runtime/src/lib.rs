@@ -10,6 +10,7 @@ mod error;
 mod idmap;
 mod ids;
 pub mod init;
+mod layer;
 mod namespaces;
 mod ping;
 mod seccomp;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 pub use burrow_environments::Environment;
 pub use error::Error;
+pub use layer::available_bytes;
 pub use namespaces::{Command, Namespaces};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -34,8 +36,8 @@ pub struct Limits {
     pub pids: u64,
     /// Relative CPU weight, 1..=10000, 100 is the default share.
     pub cpu_weight: u64,
-    /// Size of the writable layer (everything the sandbox writes to its filesystem). Its pages
-    /// are memory, so they count against `memory_bytes` too.
+    /// Size of the writable layer (everything the sandbox writes to its filesystem): a
+    /// filesystem of its own on the host's disk (see `layer.rs`), not memory.
     pub disk_bytes: u64,
 }
 

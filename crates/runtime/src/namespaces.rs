@@ -28,6 +28,7 @@ use crate::error::{Error, IoContext};
 use crate::idmap;
 use crate::ids::{IdSlot, IdSlots};
 use crate::init::{Dirs, Exec, InitConfig, LAYER_FD, SOCKET_NAME};
+use crate::layer::Layers;
 use crate::spawn::{self, Child};
 use crate::{
     Backend, BoxFuture, Frozen, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric,
@@ -70,8 +71,11 @@ struct Inner {
     config: RuntimeConfig,
     /// `<data>/run`: one directory per sandbox, holding envd's socket and the init log.
     run_root: PathBuf,
-    /// `<data>/stage`: where each sandbox mounts its tmpfs, in its own mount namespace.
+    /// `<data>/stage`: where each sandbox attaches its writable layer, in its own mount
+    /// namespace.
     stage: PathBuf,
+    /// `<data>/layers`: the sandboxes' writable layers.
+    layers: Layers,
     cgroups: Cgroups,
     /// `<data>/ids`: the sandboxes' host id ranges.
     ids: IdSlots,
@@ -130,6 +134,7 @@ impl Namespaces {
         let cgroups = Cgroups::detect(node)?;
         cgroups.prepare_node()?;
         let ids = IdSlots::new(&data_dir)?;
+        let layers = Layers::new(&data_dir)?;
         // Every start needs an idmapped root under its overlay: if this host cannot, say so
         // now rather than at the first create. The probe holds a slot of its own, like a
         // sandbox, while it uses the slot's ids.
@@ -142,6 +147,7 @@ impl Namespaces {
                 config,
                 run_root,
                 stage,
+                layers,
                 cgroups,
                 ids,
                 idmaps: Mutex::new(VecDeque::new()),
@@ -186,16 +192,17 @@ impl Backend for Namespaces {
         Box::pin(self.inner.destroy(id))
     }
 
-    /// This node's cgroups, and the run directories no live sandbox holds: a run directory
-    /// whose sandbox holds its id range but has no cgroup of this node is another process's
-    /// (a `burrow sandbox-run` sharing the data dir, with a node id of its own), and stays.
-    /// The run directories are listed before the id ranges: a sandbox's range is held before
-    /// its run directory exists, so a live one is never missed.
+    /// This node's cgroups, and the run directories and writable layers no live sandbox holds:
+    /// a run directory (or layer) whose sandbox holds its id range but has no cgroup of this
+    /// node is another process's (a `burrow sandbox-run` sharing the data dir, with a node id
+    /// of its own), and stays. Both are listed before the id ranges: a sandbox's range is held
+    /// before its run directory and layer exist, so a live one is never missed.
     fn list(&self) -> Result<Vec<String>, Error> {
         let mut ids = self.inner.cgroups.ids()?;
-        let run_dirs = cgroup::sandbox_dirs(&self.inner.run_root)?;
+        let mut leftovers = cgroup::sandbox_dirs(&self.inner.run_root)?;
+        leftovers.extend(self.inner.layers.ids()?);
         let held = self.inner.ids.held()?;
-        ids.extend(run_dirs.into_iter().filter(|id| !held.contains(id)));
+        ids.extend(leftovers.into_iter().filter(|id| !held.contains(id)));
         ids.sort();
         ids.dedup();
         Ok(ids)
@@ -282,7 +289,6 @@ impl Inner {
         };
         let config = InitConfig {
             hostname: HOSTNAME.to_owned(),
-            disk_bytes: spec.limits.disk_bytes,
             binds: environment.binds.clone(),
             user: environment.user.clone(),
             env: environment.env.clone(),
@@ -336,8 +342,8 @@ impl Inner {
         Ok(sandbox)
     }
 
-    /// The blocking part of a start: id range, run directory, idmapped root, cgroups, clone,
-    /// maps, config. Returns the sandbox's id, its init, the control socket and its id range
+    /// The blocking part of a start: id range, run directory, idmapped root, writable layer,
+    /// cgroups, clone, maps, config. Returns the sandbox's id, its init, the control socket and its id range
     /// (slot and first host id); the range's lock is PID 1's from here on.
     #[allow(clippy::type_complexity)]
     fn start_blocking(
@@ -350,11 +356,15 @@ impl Inner {
     ) -> Result<(String, Child, UnixStream, (u32, u32)), Error> {
         let (id, run_dir, slot) = self.new_run_dir()?;
         let result = self.idmapped_root(rootfs, &slot).and_then(|tree| {
-            self.clone_into(&id, &run_dir, (&tree, pin), &slot, limits, config, stdio)
+            let layer = self.layers.make(&id, limits.disk_bytes, slot.base())?;
+            let dirs = (&tree, &layer, pin);
+            self.clone_into(&id, &run_dir, dirs, &slot, limits, config, stdio)
         });
         match result {
             Ok((child, control)) => Ok((id, child, control, (slot.index, slot.base()))),
             Err(e) => {
+                // The layer's loop device went with its last descriptor, above.
+                let _ = self.layers.remove(&id);
                 let _ = self.cgroups.remove(&id);
                 let _ = fs::remove_dir_all(&run_dir);
                 Err(e)
@@ -399,7 +409,7 @@ impl Inner {
                 })
                 .collect();
             let dir = self.run_dir(&id);
-            if self.cgroups.exists(&id) || dir.exists() {
+            if self.cgroups.exists(&id) || dir.exists() || self.layers.exists(&id) {
                 continue;
             }
             let slot = self.ids.allocate(&id)?;
@@ -423,7 +433,7 @@ impl Inner {
         &self,
         id: &str,
         run_dir: &Path,
-        rootfs: (&OwnedFd, Option<&OwnedFd>),
+        rootfs: (&OwnedFd, &OwnedFd, Option<&OwnedFd>),
         slot: &IdSlot,
         limits: &Limits,
         config: &[u8],
@@ -481,15 +491,15 @@ impl Inner {
         Ok((child, control))
     }
 
-    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories, its id
-    /// range's lock (and the rootfs's image pin) and config.
+    /// Lets the cloned child go: id maps, cgroups, the go byte, then its directories and
+    /// writable layer, its id range's lock (and the rootfs's image pin) and config.
     #[allow(clippy::too_many_arguments)]
     fn release(
         &self,
         id: &str,
         child: &Child,
         control: &mut UnixStream,
-        (rootfs, pin): (&OwnedFd, Option<&OwnedFd>),
+        (rootfs, layer, pin): (&OwnedFd, &OwnedFd, Option<&OwnedFd>),
         slot: &IdSlot,
         run_dir: &Path,
         config: &[u8],
@@ -517,7 +527,10 @@ impl Inner {
         let rootfs = rootfs
             .try_clone()
             .ctx("duplicate the idmapped root for", run_dir)?;
-        let dirs = [rootfs, open_dir(&self.stage)?, open_dir(run_dir)?];
+        let layer = layer
+            .try_clone()
+            .ctx("duplicate the writable layer for", run_dir)?;
+        let dirs = [rootfs, open_dir(&self.stage)?, open_dir(run_dir)?, layer];
         Dirs::send(control, &dirs, &slot.lock, pin)
             .ctx("send the directories to the sandbox in", run_dir)?;
         control
@@ -630,6 +643,7 @@ impl Inner {
                 result => break result?,
             }
         }
+        self.remove_layer(id, deadline).await?;
         let run_dir = self.run_dir(id);
         match fs::remove_dir_all(&run_dir) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", &run_dir),
@@ -637,6 +651,26 @@ impl Inner {
                 tracing::info!(%id, "sandbox destroyed");
                 Ok(())
             }
+        }
+    }
+
+    /// Deletes the sandbox's image and waits until its loop device has let go of it, which it
+    /// does once the last mount of the layer is gone, with the sandbox's mount namespace. Done
+    /// before the run directory goes, so that a layer left behind keeps the sandbox listed.
+    async fn remove_layer(&self, id: &str, deadline: Instant) -> Result<(), Error> {
+        self.layers.remove(id)?;
+        loop {
+            let attached = self.layers.attached(id);
+            let Some(device) = attached.first() else {
+                return Ok(());
+            };
+            if Instant::now() > deadline {
+                return Err(Error::LayerBusy {
+                    id: id.to_owned(),
+                    device: device.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 

@@ -116,9 +116,11 @@ sandbox --pids 64 -- bash -c 'bomb() { bomb | bomb & }; bomb 2>/dev/null
 expect "a fork bomb stops at the pids limit (64)" \
     bash -c '[[ "$0" =~ ^[0-9]+$ && "$0" -le 64 && "$0" -ge 32 ]]' "$OUT"
 
-sandbox --disk 64M -- sh -c 'dd if=/dev/zero of=/home/user/fill bs=1M count=100 2>&1; stat -c %s /home/user/fill'
-expect "the disk fills up at its limit (64 MiB)" \
-    bash -c '[[ "$0" == *"No space left on device"* && $(tail -1 <<<"$0") -le $((64 << 20)) ]]' "$OUT"
+# The disk is on the host's disk, not in memory: a sandbox fills its 128 MiB under a 32 MiB
+# memory limit, all of it and no more.
+sandbox --memory 32M --disk 128M -- sh -c 'dd if=/dev/zero of=/home/user/fill bs=1M count=200 2>&1; stat -c %s /home/user/fill'
+expect "the disk fills up at its limit (128 MiB), not in memory" \
+    bash -c '[[ "$0" == *"No space left on device"* && $(tail -1 <<<"$0") -ge $((127 << 20)) && $(tail -1 <<<"$0") -le $((129 << 20)) ]]' "$OUT"
 
 sandbox --root -- sh -c 'touch /usr/x; echo > /etc/ld.so.cache; echo changed > /etc/hostname; cat /etc/hostname'
 expect "host binds are read-only, the generated rootfs is copy-on-write" \
@@ -179,6 +181,8 @@ OUT=$(ls -A "$DATA/run")
 expect "no run directory is left" [ -z "$OUT" ]
 OUT=$(grep -F "$DATA" /proc/self/mountinfo)
 expect "no mount is left on the host" [ -z "$OUT" ]
+OUT=$(ls -A "$DATA/layers" | grep -v '^templates$'; grep -lF "$DATA" /sys/block/loop*/loop/backing_file 2>/dev/null)
+expect "no writable layer (image, loop device) is left" [ -z "$OUT" ]
 OUT=$(grep -l '/burrow/run' /proc/[0-9]*/cgroup 2>/dev/null)
 expect "no sandbox process is left" [ -z "$OUT" ]
 

@@ -871,7 +871,7 @@ impl Sessions {
 
     /// Takes a slot for one more session of the principal's team, with `limits`, refusing one
     /// that would take the node or the team past its number of sessions, or past what it may be
-    /// promised of the host's memory and processes (`admission`), so that one key cannot take
+    /// promised of the host's memory, processes and disk (`admission`), so that one key cannot take
     /// what the other teams' sessions need. Slots of creates still in flight count, so
     /// concurrent creates cannot overshoot; the slot is given back when the create ends (its
     /// session, if any, is in `live` by then). The warm pool's sandboxes count against the host.
@@ -894,11 +894,7 @@ impl Sessions {
                 team.add(&l.limits);
             }
         }
-        let in_flight = pending.values().fold(Promised::default(), |a, p| Promised {
-            sessions: a.sessions + p.sessions,
-            memory_bytes: a.memory_bytes + p.memory_bytes,
-            pids: a.pids + p.pids,
-        });
+        let in_flight = pending.values().fold(Promised::default(), |a, p| a.plus(p));
         let sessions = all.sessions + in_flight.sessions;
         if sessions >= config.max_sessions {
             return Err(Error::TooMany {
@@ -916,6 +912,7 @@ impl Sessions {
         }
         all.memory_bytes += in_flight.memory_bytes;
         all.pids += in_flight.pids;
+        all.disk_bytes += in_flight.disk_bytes;
         for l in &pooled {
             all.add(l);
         }
