@@ -35,7 +35,8 @@ impl ChildServer {
             .args(["--max-sessions", "100000"])
             .args(["--max-sessions-per-team", "100000"])
             // The benchmark measures burrow with as many sessions as it asks for, not admission.
-            .args(["--memory-overcommit", "1000", "--team-share", "1"])
+            .args(["--memory-overcommit", "1000", "--disk-overcommit", "1000"])
+            .args(["--team-share", "1"])
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")

@@ -101,8 +101,12 @@ pub enum Error {
     )]
     TeamShare(Refusal),
     #[error(
-        "this server has promised all it has, {0}; try again later (the operator sets \
-         --memory-overcommit)"
+        "this server has promised all it has, {0}; try again later{hint}",
+        hint = match .0.resource {
+            Resource::Memory => " (the operator sets --memory-overcommit)",
+            Resource::Disk => " (the operator sets --disk-overcommit)",
+            Resource::Pids => "",
+        }
     )]
     HostFull(Refusal),
     #[error(
