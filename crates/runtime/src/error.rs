@@ -42,7 +42,7 @@ pub enum Error {
 
     #[error(
         "cannot create the sandbox's namespaces: {0}. burrow needs user, mount, pid, network, ipc \
-         and uts namespaces (kernel 5.14 or later; user namespaces enabled: check \
+         and uts namespaces (kernel 5.19 or later; user namespaces enabled: check \
          /proc/sys/user/max_user_namespaces and, on Ubuntu, \
          kernel.apparmor_restrict_unprivileged_userns)"
     )]
