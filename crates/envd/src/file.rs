@@ -336,11 +336,12 @@ fn bad_multipart(error: &MultipartError) -> Response {
     )
 }
 
-/// A write the sandbox user may not do is the client's to fix (403); any other failure (a full
-/// disk) is envd's (500).
+/// A write the sandbox user may not do is the client's to fix (403), as is a path no file can
+/// have (a NUL byte: 400); any other failure (a full disk) is envd's (500).
 fn write_failed(config: &Config, path: &Path, error: &io::Error) -> Response {
     let status = match error.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) => StatusCode::FORBIDDEN,
+        _ if error.kind() == io::ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     text(
