@@ -295,3 +295,19 @@ def test_network_none_keeps_only_loopback(new_server, inet):
                              timeout=20)
         assert out == ["closed"], out
     srv.delete(doc["sessionID"], key)
+
+
+def test_adopted_sandboxes_keep_their_network_after_kill9(new_server, inet):
+    srv = new_server(ttl="120s", pool_size=0, extra_args=["--dns-upstream", INET_ADDR])
+    key = srv.admin_key
+    doc = srv.create_session(key, env="Python3")
+    with srv.envd(doc) as envd:
+        address = sandbox_address(envd)
+    srv.restart(graceful=False)
+    assert routed_to_test_host(INET_ADDR)
+    with srv.envd(doc) as envd:
+        assert sandbox_address(envd) == address
+        out, code = py(envd, fetch_code(f"http://{TEST_NAME}:{HTTP_PORT}/hello"))
+        assert code == 0 and out.startswith("29 "), out
+    assert srv.delete(doc["sessionID"], key).status == 204
+    assert link_of(str(ipaddress.ip_address(address) - 1)) is None
