@@ -66,6 +66,17 @@ DNS_SERVER = textwrap.dedent(f"""
 """)
 
 
+UDP_PORT = 9999
+UDP_COLLECTOR = textwrap.dedent(f"""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("{INET_ADDR}", {UDP_PORT}))
+    while True:
+        data, peer = s.recvfrom(512)
+        print(data.decode(errors="replace"), flush=True)
+""")
+
+
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True, timeout=30)
 
@@ -113,6 +124,8 @@ def inet(tmp_path_factory):
                                        str(HTTP_PORT)], cwd=root, stdout=log, stderr=log))
         procs.append(subprocess.Popen([*ns, sys.executable, "-c", DNS_SERVER],
                                       stdout=subprocess.DEVNULL, stderr=open(root / "dns.log", "w")))
+        procs.append(subprocess.Popen([*ns, sys.executable, "-c", UDP_COLLECTOR],
+                                      stdout=open(root / "udp.log", "w"), stderr=subprocess.STDOUT))
         for address in [INET_ADDR, *FENCED.values()]:
             assert routed_to_test_host(address), sh("ip", "route", "get", address).stdout
         wait_until(lambda: sh("curl", "-sf", "-o", "/dev/null", f"http://{INET_ADDR}:{HTTP_PORT}/hello",
@@ -248,18 +261,24 @@ def test_other_sandboxes_are_unreachable(server, team_key, inet):
 
 def test_spoofed_sources_are_dropped(server, sandbox, inet):
     """With CAP_NET_ADMIN in its namespace (which no sandbox process keeps), a sandbox could add
-    another address to eth0; the host's firewall still drops what it sends from there."""
+    another address to eth0; the host drops what it sends from there. UDP, so that NAT would
+    carry a spoofed datagram to the test host if the firewall let it through."""
     own = sandbox_address(sandbox)
     pid = server.envd_pid(sandbox.session)
     enter = ("nsenter", f"--net=/proc/{pid}/ns/net")
     spoofed = str(ipaddress.ip_address(own) + 4)  # the next slot's sandbox address
     sh(*enter, "ip", "addr", "add", f"{spoofed}/32", "dev", "eth0")
     assert routed_to_test_host(INET_ADDR)
-    code = f"import socket; s = socket.socket(); s.settimeout(2); s.bind((SRC, 0)); s.connect(({INET_ADDR!r}, {HTTP_PORT})); print('open')"
-    ok = sh(*enter, sys.executable, "-c", code.replace("SRC", repr(own)), check=False)
-    assert ok.returncode == 0 and "open" in ok.stdout, ok
-    bad = sh(*enter, sys.executable, "-c", code.replace("SRC", repr(spoofed)), check=False)
-    assert bad.returncode != 0 and "open" not in bad.stdout, bad
+    marks = {src: "from-" + secrets.token_hex(4) for src in (own, spoofed)}
+    for src, mark in marks.items():
+        code = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                f"s.bind(({src!r}, 0)); s.sendto({mark!r}.encode(), ({INET_ADDR!r}, {UDP_PORT}))")
+        sent = sh(*enter, sys.executable, "-c", code, check=False)
+        assert sent.returncode == 0, sent
+    wait_until(lambda: marks[own] in (inet / "udp.log").read_text(), 5,
+               what="the datagram from the sandbox's own address")
+    time.sleep(0.5)
+    assert marks[spoofed] not in (inet / "udp.log").read_text()
 
 
 def link_of(address: str):
