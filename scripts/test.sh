@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single test command (README; CI runs exactly this, as root, on a fresh clone):
 #
+#   0. nftables and iproute2 (apt-get), if missing: sandbox networking and its tests
 #   1. Python venvs for the end-to-end tests (scripts/python-env.sh)
 #   2. cargo fmt --check, clippy -D warnings, build, test
 #   3. crates/runtime/tests/isolation.sh (if present)
@@ -93,6 +94,16 @@ pytest_run() {
 }
 
 # --------------------------------------------------------------------------------------------
+
+# Sandbox networking (the default `--network internet`) needs nft; tests/e2e/test_network.py
+# builds its test internet with ip (iproute2).
+install_network_tools() {
+    local missing=()
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v ip >/dev/null || missing+=(iproute2)
+    ((${#missing[@]} == 0)) || DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+}
+step "network tools" install_network_tools
 
 step python-env scripts/python-env.sh
 PY_OK=0

@@ -30,6 +30,21 @@ pub struct BenchArgs {
     /// Run only these sections (all when omitted).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// A flag for the measured servers, e.g. `--server-arg=--network --server-arg=none`;
+    /// repeatable.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+}
+
+impl BenchArgs {
+    /// The measured servers' flags: the session TTL and `--server-arg`s.
+    fn server_flags(&self) -> Vec<&str> {
+        SESSION_TTL
+            .iter()
+            .copied()
+            .chain(self.server_arg.iter().map(String::as_str))
+            .collect()
+    }
 }
 
 /// The parts of the run, each on its own server.
@@ -241,7 +256,7 @@ async fn baseline(args: &BenchArgs) -> anyhow::Result<()> {
 /// Without the pool: every create starts a sandbox.
 async fn no_pool(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = ChildServer::start("bench", 0, env, SESSION_TTL).await?;
+    let server = ChildServer::start("bench", 0, env, &args.server_flags()).await?;
     let client = &server.client;
     let (mut create, mut destroy) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -302,7 +317,7 @@ async fn no_pool(args: &BenchArgs) -> anyhow::Result<()> {
 
 async fn idle(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = ChildServer::start("bench", 0, env, SESSION_TTL).await?;
+    let server = ChildServer::start("bench", 0, env, &args.server_flags()).await?;
     let client = Arc::new(Client::new(
         &format!("http://{}", server.client.addr()),
         None,
@@ -358,7 +373,7 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<()> {
 async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
     const POOL: usize = 2;
     let env = args.env.as_str();
-    let server = ChildServer::start("bench", POOL, env, SESSION_TTL).await?;
+    let server = ChildServer::start("bench", POOL, env, &args.server_flags()).await?;
     let client = &server.client;
     let (mut create, mut tti) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -388,7 +403,7 @@ async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
 /// median is printed, and the row holds all their samples together.
 async fn pool_burst(args: &BenchArgs) -> anyhow::Result<()> {
     let env = args.env.as_str();
-    let server = ChildServer::start("bench", args.concurrent, env, SESSION_TTL).await?;
+    let server = ChildServer::start("bench", args.concurrent, env, &args.server_flags()).await?;
     let (mut all, mut medians) = (Vec::new(), Vec::new());
     for _ in 0..args.bursts {
         server.wait_pool(env, args.concurrent).await?;

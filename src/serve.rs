@@ -25,6 +25,15 @@ pub enum Auth {
     Off,
 }
 
+/// `--network`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// A veth per sandbox, NAT to the internet, nothing of the host or private networks.
+    Internet,
+    /// Only `lo`.
+    None,
+}
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on. Anything but loopback exposes the API to the network.
@@ -120,6 +129,27 @@ pub struct ServeArgs {
     /// tunnels) never time out.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     envd_timeout: Duration,
+    /// What sandboxes reach: `internet` (needs nftables) or `none` (only their own `lo`).
+    #[arg(long, value_enum, default_value = "internet")]
+    network: Network,
+    /// Where sandboxes' addresses come from, a /30 each (default: a /16 of 10.0.0.0/8 the host
+    /// does not route, kept for later runs in <data-dir>/network/subnet).
+    #[arg(long, value_name = "CIDR")]
+    sandbox_subnet: Option<burrow_runtime::Subnet>,
+    /// Name servers the sandboxes' resolver forwards to (default: the host's, from
+    /// /etc/resolv.conf); comma-separated IP or IP:PORT.
+    #[arg(long, value_delimiter = ',', value_name = "IP[:PORT],...", value_parser = parse_upstream)]
+    dns_upstream: Vec<SocketAddr>,
+}
+
+/// `IP` (port 53) or `IP:PORT`.
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 /// `--max-connections` when not given.
@@ -333,7 +363,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|spec| environment_limits(spec, limits))
         .collect::<anyhow::Result<_>>()?;
-    let runtime_config = RuntimeConfig::new(data_dir.clone(), node_id.clone());
+    let mut runtime_config = RuntimeConfig::new(data_dir.clone(), node_id.clone());
+    runtime_config.network = match args.network {
+        Network::None => None,
+        Network::Internet => Some(burrow_runtime::NetworkConfig {
+            subnet: args.sandbox_subnet,
+            dns_upstream: args.dns_upstream.clone(),
+        }),
+    };
     let catalog = Arc::new(Catalog::load(&data_dir, runtime_config.uid_base)?);
     for name in args.pool_environments.iter().flatten() {
         if catalog.get(name).is_none() {

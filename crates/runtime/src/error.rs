@@ -138,6 +138,40 @@ pub enum Error {
     #[error("sandbox setup failed: seccomp filter: {0}")]
     Seccomp(String),
 
+    #[error("sandbox networking: cannot {step}: {source}")]
+    Network {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("sandbox networking: {reason}")]
+    NetworkSetup { reason: String },
+
+    #[error(
+        "sandbox networking needs nftables, which is not installed: install it with \
+         `apt-get install nftables`, or pass --network none for sandboxes without a network"
+    )]
+    NftMissing,
+
+    #[error(
+        "the sandbox subnet {subnet} holds {capacity} sandboxes (a /30 each) and all are taken; \
+         pass a larger --sandbox-subnet (a /16 holds 16384)"
+    )]
+    SubnetFull { subnet: String, capacity: u64 },
+
+    #[error(
+        "the sandbox subnet {subnet} overlaps the host's route to {route}; pass a \
+         --sandbox-subnet the host does not route"
+    )]
+    SubnetRouted { subnet: String, route: String },
+
+    #[error(
+        "no /16 of 10.0.0.0/8 is free for sandboxes (the host routes or other burrow servers \
+         claim them all, see /run/burrow/subnets); pass --sandbox-subnet"
+    )]
+    NoFreeSubnet,
+
     #[error(transparent)]
     Environment(#[from] burrow_environments::Error),
 }

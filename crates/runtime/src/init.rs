@@ -65,6 +65,10 @@ pub struct InitConfig {
     pub ready_shell: bool,
     /// Run this command instead of envd (`burrow sandbox-run`).
     pub exec: Option<Exec>,
+    /// Bind the run directory's `resolv.conf` (burrow's resolver, at the sandbox's gateway) on
+    /// `/etc/resolv.conf`: the sandbox has a network.
+    #[serde(default)]
+    pub resolv_conf: bool,
 }
 
 /// A single command to run in the sandbox instead of envd.
@@ -297,6 +301,9 @@ pub fn enter(config: &InitConfig, dirs: Dirs) -> Result<Role, Error> {
     keep_layer(layer)?;
     drop((rootfs, stage));
     mount_binds(&config.binds)?;
+    if config.resolv_conf {
+        bind_resolv_conf(&run)?;
+    }
     mount_proc()?;
     mount_dev()?;
     let role = match &config.exec {
@@ -424,6 +431,32 @@ fn mount_binds(binds: &[Bind]) -> Result<(), Error> {
             .step(|| format!("make {} read-only", bind.inside.display()))?;
     }
     Ok(())
+}
+
+/// Binds the server's `resolv.conf` for this sandbox (in the run directory, owned by the host's
+/// root) read-only on `/etc/resolv.conf`, over the rootfs's loopback-only one. A copy in the
+/// writable layer would end up in a saved edit session.
+fn bind_resolv_conf(run: &OwnedFd) -> Result<(), Error> {
+    let inside = Path::new("etc/resolv.conf");
+    // Not through a symlink: this still resolves against the host's root.
+    if !fs::symlink_metadata(inside).is_ok_and(|meta| meta.is_file()) {
+        eprintln!("burrow sandbox-init: /etc/resolv.conf is not a regular file; not replaced");
+        return Ok(());
+    }
+    let source = fd_path(run).join("resolv.conf");
+    mount(
+        Some(&source),
+        inside,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .step(|| "bind the sandbox's /etc/resolv.conf".into())?;
+    let attrs = libc::MOUNT_ATTR_RDONLY
+        | libc::MOUNT_ATTR_NOSUID
+        | libc::MOUNT_ATTR_NODEV
+        | libc::MOUNT_ATTR_NOEXEC;
+    new_mount::set_attributes(inside, attrs).step(|| "make /etc/resolv.conf read-only".into())
 }
 
 /// A fresh `/proc` of the sandbox's pid namespace, with the host-revealing parts covered.
@@ -866,6 +899,7 @@ mod tests {
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             workdir: "/home/user".into(),
             ready_shell: false,
+            resolv_conf: true,
             exec: Some(Exec {
                 argv: vec!["id".into(), "-u".into()],
                 as_root: false,

@@ -7,12 +7,15 @@
 
 mod cgroup;
 mod error;
+mod firewall;
 mod idmap;
 mod ids;
 pub mod init;
 mod layer;
 mod namespaces;
+mod net;
 mod ping;
+mod resolver;
 mod seccomp;
 mod spawn;
 
@@ -26,6 +29,7 @@ pub use burrow_environments::Environment;
 pub use error::Error;
 pub use layer::available_bytes;
 pub use namespaces::{Command, Namespaces};
+pub use net::Subnet;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -157,6 +161,19 @@ pub struct RuntimeConfig {
     pub init_program: PathBuf,
     /// How long envd has to answer its first `/ping`.
     pub start_timeout: Duration,
+    /// Sandboxes' network beyond `lo`: `None` for none.
+    pub network: Option<NetworkConfig>,
+}
+
+/// Sandboxes with the internet: a veth each, NAT out, fenced by nftables (`firewall.rs`), DNS
+/// through burrow's forwarder (`resolver.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// Where the sandboxes' addresses come from; `None` for a /16 of 10.0.0.0/8 the host does
+    /// not route (kept in `<data>/network/subnet` for later runs).
+    pub subnet: Option<Subnet>,
+    /// Where their DNS queries go; empty for the host's name servers (`/etc/resolv.conf`).
+    pub dns_upstream: Vec<std::net::SocketAddr>,
 }
 
 impl RuntimeConfig {
@@ -170,6 +187,7 @@ impl RuntimeConfig {
             uid_base: Self::DEFAULT_UID_BASE,
             init_program: "/proc/self/exe".into(),
             start_timeout: Duration::from_secs(10),
+            network: None,
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::idmap;
 use crate::ids::{IdSlot, IdSlots};
 use crate::init::{Dirs, Exec, InitConfig, LAYER_FD, SOCKET_NAME};
 use crate::layer::Layers;
+use crate::net::{self, Subnet};
 use crate::spawn::{self, Child};
 use crate::{
     Backend, BoxFuture, Frozen, Limits, RuntimeConfig, Sandbox, SandboxSpec, lower_alphanumeric,
@@ -85,6 +86,8 @@ struct Inner {
     idmaps: Mutex<VecDeque<(u32, Arc<OwnedFd>)>>,
     /// Each sandbox this process started.
     children: Mutex<HashMap<String, Own>>,
+    /// Where sandboxes' addresses come from, if they have a network beyond `lo`.
+    subnet: Option<Subnet>,
 }
 
 /// A sandbox this process started.
@@ -141,6 +144,10 @@ impl Namespaces {
         let probe = ids.allocate("probe")?;
         idmap::check_support(&data_dir.join("idmap-probe"), config.uid_base, probe.base())?;
         drop(probe);
+        let subnet = match &config.network {
+            Some(network) => Some(net::setup(&data_dir, network)?),
+            None => None,
+        };
         config.data_dir = data_dir;
         Ok(Namespaces {
             inner: Arc::new(Inner {
@@ -152,6 +159,7 @@ impl Namespaces {
                 ids,
                 idmaps: Mutex::new(VecDeque::new()),
                 children: Mutex::new(HashMap::new()),
+                subnet,
             }),
         })
     }
@@ -295,6 +303,7 @@ impl Inner {
             workdir: environment.workdir.clone(),
             ready_shell: spec.ready_shell,
             exec,
+            resolv_conf: self.subnet.is_some(),
         };
         // Taken before the clone: the sandbox holds it from its start to its end.
         let pin = environment.pin()?;
@@ -355,11 +364,23 @@ impl Inner {
         stdio: Option<(OwnedFd, OwnedFd)>,
     ) -> Result<(String, Child, UnixStream, (u32, u32)), Error> {
         let (id, run_dir, slot) = self.new_run_dir()?;
-        let result = self.idmapped_root(rootfs, &slot).and_then(|tree| {
-            let layer = self.layers.make(&id, limits.disk_bytes, slot.base())?;
-            let dirs = (&tree, &layer, pin);
-            self.clone_into(&id, &run_dir, dirs, &slot, limits, config, stdio)
-        });
+        let pair = self
+            .subnet
+            .map(|subnet| subnet.pair(slot.index))
+            .transpose();
+        let result = pair
+            .and_then(|pair| {
+                if let Some(pair) = pair {
+                    net::write_resolv_conf(&run_dir, pair)?;
+                }
+                Ok(pair)
+            })
+            .and_then(|pair| {
+                let tree = self.idmapped_root(rootfs, &slot)?;
+                let layer = self.layers.make(&id, limits.disk_bytes, slot.base())?;
+                let start = (&tree, &layer, pin, pair);
+                self.clone_into(&id, &run_dir, start, &slot, limits, config, stdio)
+            });
         match result {
             Ok((child, control)) => Ok((id, child, control, (slot.index, slot.base()))),
             Err(e) => {
@@ -367,6 +388,7 @@ impl Inner {
                 let _ = self.layers.remove(&id);
                 let _ = self.cgroups.remove(&id);
                 let _ = fs::remove_dir_all(&run_dir);
+                let _ = net::detach(&id);
                 Err(e)
             }
         }
@@ -433,7 +455,7 @@ impl Inner {
         &self,
         id: &str,
         run_dir: &Path,
-        rootfs: (&OwnedFd, &OwnedFd, Option<&OwnedFd>),
+        rootfs: (&OwnedFd, &OwnedFd, Option<&OwnedFd>, Option<net::Pair>),
         slot: &IdSlot,
         limits: &Limits,
         config: &[u8],
@@ -499,7 +521,7 @@ impl Inner {
         id: &str,
         child: &Child,
         control: &mut UnixStream,
-        (rootfs, layer, pin): (&OwnedFd, &OwnedFd, Option<&OwnedFd>),
+        (rootfs, layer, pin, pair): (&OwnedFd, &OwnedFd, Option<&OwnedFd>, Option<net::Pair>),
         slot: &IdSlot,
         run_dir: &Path,
         config: &[u8],
@@ -510,6 +532,9 @@ impl Inner {
             fs::write(&path, &map).ctx("write", &path)?;
         }
         self.cgroups.add(id, child.pid)?;
+        if let Some(pair) = pair {
+            net::attach(id, child.pid, pair)?;
+        }
         control
             .write_all(&[1])
             .ctx("let go of the sandbox in", run_dir)?;
@@ -644,6 +669,8 @@ impl Inner {
             }
         }
         self.remove_layer(id, deadline).await?;
+        // Gone with the sandbox's network namespace too, but only once the kernel gets to it.
+        net::detach(id)?;
         let run_dir = self.run_dir(id);
         match fs::remove_dir_all(&run_dir) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", &run_dir),
