@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
+import struct
 import subprocess
 import time
 
@@ -144,14 +146,20 @@ def test_host_files_are_not_visible(open_session, server):
         assert s.run(f"test -e '{path}' && echo visible || echo absent").stdout == "absent", path
 
 
-def test_network_is_loopback_only(open_session, server):
+def test_network_is_the_sandboxs_own_and_reaches_nothing_of_the_host(open_session, server):
     s = open_session("Bash")
     out = s.run("cat /proc/net/dev").stdout
     ifaces = {ln.split(":")[0].strip() for ln in out.splitlines()[2:] if ":" in ln}
-    assert ifaces == {"lo"}, out
-    # The host's loopback (where the server listens) is not the sandbox's loopback.
-    probe = f"(echo > /dev/tcp/127.0.0.1/{server.port}) 2>/dev/null && echo open || echo closed"
-    assert s.run(probe, timeout=20).stdout == "closed", "the sandbox reaches the host's server port"
+    # Its loopback and its own veth (tests/e2e/test_network.py covers what lies beyond it).
+    assert ifaces == {"lo", "eth0"}, out
+    routes = s.run("cat /proc/net/route").stdout.splitlines()[1:]
+    gateway_hex = next(ln.split()[2] for ln in routes if ln.split()[1] == "00000000")
+    gateway = socket.inet_ntoa(struct.pack("<I", int(gateway_hex, 16)))
+    # Neither the sandbox's loopback nor its gateway (the host) leads to the server's port.
+    for address in ("127.0.0.1", gateway):
+        probe = (f"(timeout 3 bash -c 'echo > /dev/tcp/{address}/{server.port}') 2>/dev/null"
+                 " && echo open || echo closed")
+        assert s.run(probe, timeout=20).stdout == "closed", f"the sandbox reaches {address}:{server.port}"
 
 
 def test_processes_run_unprivileged(open_session):
