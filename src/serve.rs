@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// sandboxes use a few MiB of theirs); creates beyond it get 503.
     #[arg(long, default_value_t = 8.0, value_parser = parse_positive)]
     memory_overcommit: f64,
-    /// How many times over the data dir's free space (at start, less 10% of it or 1 GiB,
+    /// How many times over the data dir's free space (at start, less 10% of it or 64 MiB,
     /// whichever is more) the sandboxes' disk limits may add up to; creates beyond it get 503.
     /// Above 1, sandboxes that all fill their disks fill the data dir's filesystem.
     #[arg(long, default_value_t = 1.0, value_parser = parse_positive)]

@@ -396,6 +396,11 @@ class BurrowServer:
             cmd += ["--pool-size", str(self.pool_size)]
         if not self.auth:
             cmd += ["--auth", "off"]
+        if "--disk-overcommit" not in self.extra_args:
+            # The suites hold hundreds of 1 GiB sandboxes at once that write next to nothing,
+            # more than a CI machine's free disk would let admission promise; disk admission
+            # itself is tested in test_disk.py and test_fairness.py, with their own values.
+            cmd += ["--disk-overcommit", "100"]
         return cmd + self.extra_args
 
     def start(self, port: Optional[int] = None, ready_timeout: float = 30.0) -> "BurrowServer":

@@ -340,9 +340,12 @@ def test_full_data_dir_fails_creates_cleanly(tmp_path, server_log_dir):
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    # Room for the database and a few 4 MiB writable layers; disk admission promises what is free
+    # at start (less its reserve), and the disk fills up behind its back.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mnt)], check=True)
     srv = BurrowServer(mnt / "data", ttl="60s", pool_size=0, log_dir=server_log_dir,
-                       extra_args=["--max-sessions", "1000"])
+                       extra_args=["--max-sessions", "1000", "--disk", "4MiB",
+                                   "--disk-overcommit", "1"])
     try:
         srv.start()
         key = srv.create_key("team-full")

@@ -28,7 +28,7 @@ pub struct Budget {
 /// Of the data dir's free space, the part the sandboxes may not be promised: for images,
 /// saved edit sessions, the databases and the host. The larger of the two.
 const DISK_RESERVE_FRACTION: f64 = 0.1;
-const DISK_RESERVE_MIN: u64 = 1 << 30;
+const DISK_RESERVE_MIN: u64 = 64 << 20;
 
 impl Budget {
     /// This host's budget with memory promised `overcommit` times over and disk
@@ -184,11 +184,12 @@ pub(crate) fn admit(
     host: &Budget,
     team_share: f64,
 ) -> Result<(), Exceeded> {
-    if let Some(refusal) = team.exceeds(limits, &host.share(team_share)) {
-        return Err(Exceeded::Team(refusal));
-    }
+    // The host first: a team within its share cannot be blamed for a full host.
     if let Some(refusal) = all.exceeds(limits, host) {
         return Err(Exceeded::Host(refusal));
+    }
+    if let Some(refusal) = team.exceeds(limits, &host.share(team_share)) {
+        return Err(Exceeded::Team(refusal));
     }
     Ok(())
 }
@@ -307,9 +308,9 @@ mod tests {
         let budget = Budget::of_host(2.0, &dir, 1.0).unwrap();
         assert!(budget.memory_bytes > 0 && budget.pids > 0, "{budget:?}");
         let free = burrow_runtime::available_bytes(&dir).unwrap();
-        // Below what is free, by the reserve (at least 1 GiB, or all of it on a small disk).
+        // Below what is free, by the reserve (at least 64 MiB, or all of it on a small disk).
         assert!(
-            budget.disk_bytes <= free.saturating_sub(1 << 30),
+            budget.disk_bytes <= free.saturating_sub(DISK_RESERVE_MIN),
             "{budget:?}, {free} free"
         );
         assert!(
