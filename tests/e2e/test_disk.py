@@ -108,7 +108,7 @@ def test_creates_past_the_free_disk_are_refused(new_server):
     probe.stop()
     # The budget is the free space less 10% of it; a team's share is half of that, 45%.
     disk_mib = int(free * 0.35) // MIB
-    srv = new_server(pool_size=0, extra_args=["--disk", f"{disk_mib}MiB"])
+    srv = new_server(pool_size=0, extra_args=["--disk", f"{disk_mib}MiB", "--disk-overcommit", "1"])
     a, b, c = srv.create_key("disk-a"), srv.create_key("disk-b"), srv.create_key("disk-c")
     first = srv.create_session(a, "Bash")
     resp = srv.request("POST", f"/sessions?api_key={a}", body={"codeSnippetID": "Bash"})

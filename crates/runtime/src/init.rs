@@ -17,7 +17,7 @@
 use std::fs;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{OpenOptionsExt, symlink};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::os::unix::process::ExitStatusExt;
@@ -435,7 +435,10 @@ fn mount_binds(binds: &[Bind]) -> Result<(), Error> {
 
 /// Binds the server's `resolv.conf` for this sandbox (in the run directory, owned by the host's
 /// root) read-only on `/etc/resolv.conf`, over the rootfs's loopback-only one. A copy in the
-/// writable layer would end up in a saved edit session.
+/// writable layer would end up in a saved edit session; a bind of the run directory's file
+/// would name its host path in the sandbox's `/proc/self/mountinfo`. So its text is copied into
+/// a tiny tmpfs of its own, mounted nowhere, whose file alone is attached there: `mountinfo`
+/// shows `/resolv.conf` of a tmpfs.
 fn bind_resolv_conf(run: &OwnedFd) -> Result<(), Error> {
     let inside = Path::new("etc/resolv.conf");
     // Not through a symlink: this still resolves against the host's root.
@@ -443,15 +446,21 @@ fn bind_resolv_conf(run: &OwnedFd) -> Result<(), Error> {
         eprintln!("burrow sandbox-init: /etc/resolv.conf is not a regular file; not replaced");
         return Ok(());
     }
-    let source = fd_path(run).join("resolv.conf");
-    mount(
-        Some(&source),
-        inside,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .step(|| "bind the sandbox's /etc/resolv.conf".into())?;
+    let text = fs::read(fd_path(run).join("resolv.conf"))
+        .step(|| "read the sandbox's resolv.conf".into())?;
+    let step = || "bind the sandbox's /etc/resolv.conf".to_string();
+    let fs = new_mount::open(c"tmpfs").step(step)?;
+    new_mount::set(&fs, c"size", c"64k").step(step)?;
+    let tmpfs = new_mount::create(&fs, 0).step(step)?;
+    let dir = fd_path(&tmpfs);
+    fs::write(dir.join("resolv.conf"), &text).step(step)?;
+    let file = new_mount::clone_tree(&tmpfs, c"resolv.conf").step(step)?;
+    let target = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(inside)
+        .step(step)?;
+    new_mount::attach(&file, &target.into()).step(step)?;
     let attrs = libc::MOUNT_ATTR_RDONLY
         | libc::MOUNT_ATTR_NOSUID
         | libc::MOUNT_ATTR_NODEV
@@ -836,7 +845,19 @@ pub(crate) mod new_mount {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
-    /// Attaches the detached mount `mount` on the directory `target` refers to.
+    /// A detached mount of `path` below the mount `dir` (which may itself be detached).
+    pub fn clone_tree(dir: &OwnedFd, path: &CStr) -> io::Result<OwnedFd> {
+        let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC as libc::c_uint;
+        // SAFETY: open_tree reads a NUL-terminated string that outlives the call; the result is a
+        // new descriptor.
+        let fd = check(unsafe {
+            libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), path.as_ptr(), flags)
+        })?;
+        // SAFETY: open_tree returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Attaches the detached mount `mount` on the directory (or file) `target` refers to.
     pub fn attach(mount: &OwnedFd, target: &OwnedFd) -> io::Result<()> {
         // SAFETY: both paths are empty NUL-terminated strings; the descriptors are open.
         check(unsafe {
