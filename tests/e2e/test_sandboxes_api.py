@@ -62,7 +62,7 @@ def test_bad_creates(server, team_key):
     assert_error(call(server, "POST", "/v2/sandboxes", team_key, body={}), 400, "templateID")
     assert_error(call(server, "POST", "/v2/sandboxes", team_key, body={"templateID": "nope"}),
                  404, "template not found")
-    for timeout in (0, 86401):
+    for timeout in (0, 9, 86401, 1.5):
         assert_error(call(server, "POST", "/v2/sandboxes", team_key,
                           body={"templateID": "base", "timeout": timeout}), 400, "timeout")
     assert_error(call(server, "POST", "/v2/sandboxes", team_key,

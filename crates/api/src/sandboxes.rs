@@ -30,6 +30,10 @@ const BASE_TEMPLATE: &str = "base";
 const BASE_ENVIRONMENT: &str = "Bash";
 /// The longest lifetime a client may give a sandbox (E2B's own maximum).
 const MAX_TIMEOUT: u64 = 24 * 60 * 60;
+/// The shortest lifetime a sandbox is created with: one that ends before its client's next
+/// call is of no use, and would be gone before the client could kill it (`set_timeout` may
+/// still shorten it to 1 s).
+const MIN_CREATE_TIMEOUT: u64 = 10;
 /// Sandboxes per page of `GET /v2/sandboxes`, by default and at most.
 const PAGE: usize = 100;
 
@@ -40,21 +44,61 @@ pub(crate) struct NewSandbox {
     #[serde(rename = "templateID")]
     #[schema(example = "base")]
     template_id: String,
-    /// Seconds the sandbox lives (1-86400); default 15 on `/sandboxes`, 300 on `/v2/sandboxes`.
-    #[serde(default)]
+    /// Seconds the sandbox lives (10-86400); default 15 on `/sandboxes`, 300 on `/v2/sandboxes`.
+    #[serde(default, deserialize_with = "optional_seconds")]
+    #[schema(minimum = 10, maximum = 86400)]
     timeout: Option<u64>,
     /// Labels of the sandbox, returned by `GET /sandboxes/{id}` and the lists.
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
     /// Must be empty: environment variables for the sandbox's processes are not supported yet.
     #[serde(rename = "envVars", default)]
+    #[schema(schema_with = no_env_vars)]
     env_vars: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub(crate) struct SandboxTimeout {
     /// Seconds from now until the sandbox ends (1-86400).
+    #[serde(deserialize_with = "seconds")]
+    #[schema(minimum = 1, maximum = 86400)]
     timeout: u64,
+}
+
+/// `envVars` as this server takes them: `{}` (or absent) only.
+fn no_env_vars() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            utoipa::openapi::schema::Type::Object,
+            utoipa::openapi::schema::Type::Null,
+        ]))
+        .max_properties(Some(0))
+        .description(Some(
+            "Must be empty: environment variables for the sandbox's processes are not supported yet",
+        ))
+        .build()
+}
+
+/// A number of seconds: an integer, which JSON may also write as `300.0`.
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{n} is not a whole, non-negative number of seconds for the timeout"
+            ))
+        })
+}
+
+fn optional_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Seconds(#[serde(deserialize_with = "seconds")] u64);
+    Ok(Option::<Seconds>::deserialize(d)?.map(|Seconds(s)| s))
 }
 
 /// A created sandbox: what the SDKs need to reach it.
@@ -188,12 +232,12 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, message)
 }
 
-fn checked_timeout(seconds: u64) -> Result<Duration, ApiError> {
-    if (1..=MAX_TIMEOUT).contains(&seconds) {
+fn checked_timeout(seconds: u64, min: u64) -> Result<Duration, ApiError> {
+    if (min..=MAX_TIMEOUT).contains(&seconds) {
         Ok(Duration::from_secs(seconds))
     } else {
         Err(bad_request(format!(
-            "timeout {seconds} is out of range: give the sandbox 1 to {MAX_TIMEOUT} seconds"
+            "timeout {seconds} is out of range: give the sandbox {min} to {MAX_TIMEOUT} seconds"
         )))
     }
 }
@@ -224,7 +268,7 @@ async fn create_with(
              per command (commands.run(..., envs=...))",
         ));
     }
-    let timeout = checked_timeout(body.timeout.unwrap_or(default_timeout))?;
+    let timeout = checked_timeout(body.timeout.unwrap_or(default_timeout), MIN_CREATE_TIMEOUT)?;
     let info = app
         .sessions
         .create(
@@ -342,7 +386,7 @@ pub(crate) async fn set_timeout(
     JsonBody(body): JsonBody<SandboxTimeout>,
 ) -> Result<StatusCode, ApiError> {
     let principal = app.require(key).await?;
-    let timeout = checked_timeout(body.timeout)?;
+    let timeout = checked_timeout(body.timeout, 1)?;
     app.sessions
         .set_timeout(&id, &principal, timeout)
         .await
@@ -350,32 +394,45 @@ pub(crate) async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+/// The filters of the lists (documented per operation: `/sandboxes` takes `metadata` only).
+#[derive(Deserialize)]
 pub(crate) struct ListQuery {
-    /// Only sandboxes with all these labels: `k=v&k2=v2`, each key and value percent-encoded,
-    /// the whole percent-encoded again as the parameter's value.
     #[serde(default)]
     metadata: Option<String>,
-    /// Comma-separated `running`, `paused` (v2 only; default both; none is ever paused).
     #[serde(default)]
     state: Option<String>,
-    /// Only sandboxes of this template (v2 only).
     #[serde(default)]
     template: Option<String>,
-    /// `asc` or `desc` (default) by start time (v2 only).
     #[serde(default)]
     order: Option<String>,
-    /// Sandboxes per page, 1-100 (v2 only).
     #[serde(default)]
-    #[param(minimum = 1, maximum = 100)]
     limit: Option<usize>,
-    /// The `X-Next-Token` of the previous page (v2 only).
     #[serde(rename = "nextToken", default)]
     next_token: Option<String>,
     /// Not supported yet: refused with a 400.
     #[serde(rename = "startedAfter", default)]
     started_after: Option<String>,
+}
+
+/// A page's end as a token, `{startedAt in unix ms}.{sandboxID}`: the next page starts after
+/// it in the list's order, even if that sandbox has ended since.
+fn page_token(s: &SessionInfo) -> String {
+    let ms = s
+        .started_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{ms}.{}", s.session_id)
+}
+
+fn parse_page_token(token: &str) -> Option<(SystemTime, &str)> {
+    let (ms, id) = token.split_once('.')?;
+    let ms: u64 = ms.parse().ok()?;
+    let ok = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    ok.then(|| (UNIX_EPOCH + Duration::from_millis(ms), id))
 }
 
 /// The list query, rejected in the API's error shape.
@@ -410,7 +467,7 @@ fn matching(
     principal: &burrow_store::Principal,
     query: &ListQuery,
     ascending: bool,
-) -> Result<Vec<SandboxDetail>, ApiError> {
+) -> Result<Vec<SessionInfo>, ApiError> {
     let labels = metadata_filter(query.metadata.as_deref())?;
     let mut sessions: Vec<SessionInfo> = app
         .sessions
@@ -432,12 +489,12 @@ fn matching(
     if !ascending {
         sessions.reverse();
     }
-    Ok(sessions.into_iter().map(SandboxDetail::new).collect())
+    Ok(sessions)
 }
 
 /// The caller's team's running sandboxes (the SDKs before 2.0).
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
-    params(ListQuery),
+    params(("metadata" = Option<String>, Query, description = "Only sandboxes with all these labels: `k=v&k2=v2`, each key and value percent-encoded, the whole percent-encoded again as the value")),
     security(("x_api_key" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "Running sandboxes", body = [SandboxDetail]),
@@ -449,13 +506,20 @@ pub(crate) async fn list_v1(
     ListParams(query): ListParams,
 ) -> Result<Json<Vec<SandboxDetail>>, ApiError> {
     let principal = app.require(key).await?;
-    Ok(Json(matching(&app, &principal, &query, false)?))
+    let all = matching(&app, &principal, &query, false)?;
+    Ok(Json(all.into_iter().map(SandboxDetail::new).collect()))
 }
 
 /// The caller's team's sandboxes, a page at a time: a response with more after it carries the
 /// next page's token in `X-Next-Token`.
 #[utoipa::path(get, path = "/v2/sandboxes", tag = "sandboxes",
-    params(ListQuery),
+    params(
+        ("metadata" = Option<String>, Query, description = "Only sandboxes with all these labels: `k=v&k2=v2`, each key and value percent-encoded, the whole percent-encoded again as the value"),
+        ("state" = Option<String>, Query, description = "Comma-separated `running`, `paused` (default both; none is ever paused)", pattern = "^(running|paused)(,(running|paused))*$"),
+        ("template" = Option<String>, Query, description = "Only sandboxes of this template"),
+        ("order" = Option<String>, Query, description = "`asc` or `desc` (default) by start time", pattern = "^(asc|desc)$"),
+        ("limit" = Option<u32>, Query, description = "Sandboxes per page", minimum = 1, maximum = 100),
+        ("nextToken" = Option<String>, Query, description = "The `X-Next-Token` of the previous page", pattern = "^[0-9]{1,15}\\.[a-z0-9]+$")),
     security(("x_api_key" = []), ("api_key" = [])),
     responses(
         (status = 200, description = "A page of sandboxes", body = [SandboxDetail],
@@ -503,34 +567,35 @@ pub(crate) async fn list_v2(
             }
         }
     }
-    let all = if running {
+    let mut all = if running {
         matching(&app, &principal, &query, ascending)?
     } else {
         Vec::new()
     };
-    // The token names the last sandbox of the page: the next page starts after it.
-    let start = match &query.next_token {
-        None => 0,
-        Some(token) => {
-            all.iter()
-                .position(|s| &s.sandbox_id == token)
-                .ok_or_else(|| {
-                    bad_request(format!(
-                        "invalid nextToken {token:?}: pass the X-Next-Token of the previous page; the sandbox it names has ended, list again from the start"
-                    ))
-                })?
-                + 1
-        }
-    };
-    let page: Vec<SandboxDetail> = all.into_iter().skip(start).collect();
-    let more = page.len() > limit;
-    let page: Vec<SandboxDetail> = page.into_iter().take(limit).collect();
+    if let Some(token) = &query.next_token {
+        let (at, id) = parse_page_token(token).ok_or_else(|| {
+            bad_request(format!(
+                "invalid nextToken {token:?}: pass the X-Next-Token of the previous page"
+            ))
+        })?;
+        all.retain(|s| {
+            let key = (s.started_at, s.session_id.as_str());
+            if ascending {
+                key > (at, id)
+            } else {
+                key < (at, id)
+            }
+        });
+    }
+    let more = all.len() > limit;
+    all.truncate(limit);
     let mut headers = HeaderMap::new();
-    if more && let Some(last) = page.last() {
-        let token = HeaderValue::from_str(&last.sandbox_id)
-            .map_err(|e| ApiError::internal("a sandbox ID is not a header value", e))?;
+    if more && let Some(last) = all.last() {
+        let token = HeaderValue::from_str(&page_token(last))
+            .map_err(|e| ApiError::internal("a page token is not a header value", e))?;
         headers.insert("x-next-token", token);
     }
+    let page: Vec<SandboxDetail> = all.into_iter().map(SandboxDetail::new).collect();
     Ok((headers, Json(page)).into_response())
 }
 
@@ -562,6 +627,45 @@ mod tests {
             ]
         );
         assert!(metadata_filter(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn timeouts_are_whole_seconds_however_written() {
+        let parse = |body: &str| serde_json::from_str::<SandboxTimeout>(body).map(|t| t.timeout);
+        assert_eq!(parse(r#"{"timeout": 300}"#).unwrap(), 300);
+        assert_eq!(parse(r#"{"timeout": 12461.0}"#).unwrap(), 12461);
+        for bad in [
+            r#"{"timeout": 1.5}"#,
+            r#"{"timeout": -1}"#,
+            r#"{"timeout": "1"}"#,
+            "{}",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let new = |body: &str| serde_json::from_str::<NewSandbox>(body).map(|n| n.timeout);
+        assert_eq!(new(r#"{"templateID": "base"}"#).unwrap(), None);
+        assert_eq!(
+            new(r#"{"templateID": "base", "timeout": null}"#).unwrap(),
+            None
+        );
+        assert_eq!(
+            new(r#"{"templateID": "base", "timeout": 60.0}"#).unwrap(),
+            Some(60)
+        );
+    }
+
+    #[test]
+    fn page_tokens() {
+        assert_eq!(
+            parse_page_token("1700000000123.abc9"),
+            Some((
+                UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+                "abc9"
+            ))
+        );
+        for bad in ["", "1.", ".abc", "x.abc", "1.ABC", "1-abc", "1.a.b"] {
+            assert_eq!(parse_page_token(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
