@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Creates the Python venvs the end-to-end tests run in, one per pinned e2b SDK release, and one
-# for the schema fuzzer:
+# Creates the Python venvs the end-to-end tests run in, one per pinned e2b SDK release (the
+# session-era 0.x ones for tests/sdk, a current 2.x one for tests/sdk2), and one for the schema
+# fuzzer:
 #
-#   .venv/e2b-0.3.0   .venv/e2b-0.8.0   .venv/e2b-0.9.7   .venv/fuzz
+#   .venv/e2b-0.3.0   .venv/e2b-0.8.0   .venv/e2b-0.9.7   .venv/e2b-2   .venv/fuzz
 #
 # each holding exactly the set in tests/constraints/<name>.txt (the SDK or schemathesis, their
 # dependencies, pytest and pytest-timeout). Idempotent: a venv whose stamp (hash of its constraints
@@ -17,6 +18,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_DIR="${BURROW_VENV_DIR:-$ROOT/.venv}"
 CONSTRAINTS_DIR="$ROOT/tests/constraints"
 SDK_VERSIONS=(0.3.0 0.8.0 0.9.7)
+# The e2b 2.x release of .venv/e2b-2 (tests/sdk2): the current SDKs' API and envd protocol.
+SDK2_VERSION=2.63.0
 LAYOUT_VERSION=1 # bump to force every venv to be rebuilt
 # Cheap "is it installed" probe: finds the packages without importing them.
 PROBE='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("e2b", "pytest", "pytest_timeout")))'
@@ -125,6 +128,37 @@ build_venv() {
     log "e2b-$version: ready"
 }
 
+# The e2b 2.x venv (tests/sdk2): same stamp scheme, named by major version so that moving the pin
+# to a newer 2.x release changes only its constraints file.
+build_sdk2_venv() {
+    local python="$1"
+    local venv="$VENV_DIR/e2b-2"
+    local constraints="$CONSTRAINTS_DIR/e2b-2.txt"
+    local stamp_file="$venv/.burrow-stamp"
+    local want got
+    [[ -f "$constraints" ]] || { log "missing $constraints"; return 1; }
+    want="$(stamp_of "$constraints" "$python")"
+
+    if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$want" ]] &&
+        "$venv/bin/python" -c "$PROBE" >/dev/null 2>&1; then
+        log "e2b-2: up to date"
+        return 0
+    fi
+
+    log "e2b-2: building $venv with $python (e2b $SDK2_VERSION)"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --no-input --disable-pip-version-check \
+        --constraint "$constraints" "e2b==$SDK2_VERSION" pytest pytest-timeout
+    got="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("e2b"))')"
+    if [[ "$got" != "$SDK2_VERSION" ]]; then
+        log "e2b-2: installed e2b is $got"
+        return 1
+    fi
+    printf '%s\n' "$want" >"$stamp_file"
+    log "e2b-2: ready"
+}
+
 # The schemathesis venv (tests/fuzz): same stamp scheme as the SDK venvs.
 build_fuzz_venv() {
     local python="$1"
@@ -159,6 +193,7 @@ main() {
     for v in "${SDK_VERSIONS[@]}"; do
         build_venv "$v" "$python"
     done
+    build_sdk2_venv "$python"
     build_fuzz_venv "$python"
 }
 

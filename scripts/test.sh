@@ -8,6 +8,7 @@
 #   4. pytest tests/e2e (REST/CLI/restarts, escape attempts, abuse; e2b 0.9.7 venv)
 #   5. pytest tests/fuzz (schemathesis against /openapi.json, fuzz venv)
 #   6. pytest tests/sdk once per SDK venv (0.3.0, 0.8.0, 0.9.7), concurrently
+#   7. pytest tests/sdk2 (the current e2b 2.x SDK, e2b-2 venv)
 #
 # Every step runs even if an earlier one failed (except when there is nothing to test: no venvs,
 # no binary); a summary follows and the exit status is non-zero if any step failed.
@@ -169,8 +170,17 @@ if ((PY_OK && BUILD_OK)); then
     for v in "${running[@]}"; do
         collect_one "$v"
     done
+
+    sdk2_log="$LOG_DIR/sdk2.log"
+    t0=$SECONDS
+    banner "pytest tests/sdk2 (e2b-2 venv) > $sdk2_log"
+    rc=0
+    pytest_run sdk2 e2b-2 "$sdk2_log" tests/sdk2 || rc=$?
+    cat "$sdk2_log"
+    if ((rc == 0)); then record "pytest sdk2 e2b-2" ok $((SECONDS - t0)); else
+        record "pytest sdk2 e2b-2" "FAILED (exit $rc)" $((SECONDS - t0)); fi
 else
-    record "pytest e2e + fuzz + sdk" "FAILED (not run: $( ((PY_OK)) || printf 'no venvs ')$( ((BUILD_OK)) || printf 'no build'))" 0
+    record "pytest e2e + fuzz + sdk + sdk2" "FAILED (not run: $( ((PY_OK)) || printf 'no venvs ')$( ((BUILD_OK)) || printf 'no build'))" 0
 fi
 
 summary

@@ -113,6 +113,12 @@ def test_rest_api_conforms_to_its_openapi_document(new_server, tmp_path):
     # The short TTL is what bounds the live sandboxes: far fewer than were created.
     assert peak[0] < MAX_LIVE_SANDBOXES, f"{peak[0]} sandboxes alive at once"
 
+    # Sandboxes of the E2B API live as long as the fuzzer asked (up to a day): kill them, as
+    # their clients would; each must go, and answer 404 after.
+    for sandbox in srv.request("GET", "/sandboxes", api_key=srv.admin_key).json():
+        gone = srv.request("DELETE", f"/sandboxes/{sandbox['sandboxID']}", api_key=srv.admin_key)
+        assert gone.status in (204, 404), gone
+
     # Every session the fuzzer left behind expires; only the warm pool remains.
     wait_until(lambda: srv.list_sessions(srv.admin_key) == [], TTL_SECONDS + 15,
                what="the fuzzer's sessions to expire")

@@ -2,12 +2,18 @@
 //! `sessions` results to the exact wire shapes. No business logic.
 //!
 //! One listener serves both the API and the sandboxes: a request whose `Host` is a session
-//! hostname (`{port}-{sessionID}-{clientID}.{domain}`) goes to the gateway before any API
-//! routing, so uploads and websockets to sandboxes never meet the API's body limits.
+//! hostname (`{port}-{sessionID}-{clientID}.{domain}`), a sandbox hostname of the current E2B
+//! SDKs (`{port}-{sandboxID}.{domain}`), or that names a sandbox in the `E2b-Sandbox-Id` and
+//! `E2b-Sandbox-Port` headers goes to the gateway before any API routing, so uploads and
+//! websockets to sandboxes never meet the API's body limits.
+//!
+//! Beside the session-era API, `sandboxes` serves the current E2B SDKs' `/sandboxes` control
+//! plane over the same sessions.
 
 mod envs;
 mod error;
 mod openapi;
+mod sandboxes;
 mod server;
 
 use std::collections::HashMap;
@@ -56,6 +62,22 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/sessions", post(create_session).get(list_sessions))
         .route("/sessions/{session_id}", delete(delete_session))
         .route("/sessions/{session_id}/refresh", post(refresh_session))
+        .route(
+            "/sandboxes",
+            post(sandboxes::create).get(sandboxes::list_v1),
+        )
+        .route(
+            "/v2/sandboxes",
+            post(sandboxes::create_v2).get(sandboxes::list_v2),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}",
+            get(sandboxes::get).delete(sandboxes::kill),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/timeout",
+            post(sandboxes::set_timeout),
+        )
         .route("/envs", get(envs::list).post(envs::create))
         .route(
             "/envs/{code_snippet_id}",
@@ -72,9 +94,17 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Sends session hostnames to the gateway and everything else to the API, in a span that names
-/// the request (and its session).
+/// Sends requests to sandboxes (by their routing headers or their host) to the gateway and
+/// everything else to the API, in a span that names the request (and its session).
 async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
+    let by_headers = burrow_gateway::route_by_headers(req.headers());
+    match by_headers {
+        Some(Ok((port, sandbox_id))) => return to_sandbox(&app, req, &sandbox_id, port).await,
+        Some(Err(message)) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, message).into_response();
+        }
+        None => {}
+    }
     let host = req
         .headers()
         .get(header::HOST)
@@ -98,11 +128,15 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
         Route::Invalid => ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
-                "unsupported session host {host:?}: sandboxes are reached at {{port}}-{{sessionID}}-{{clientID}}.{}",
-                app.domain
+                "unsupported session host {host:?}: sandboxes are reached at {{port}}-{{sessionID}}-{{clientID}}.{domain} or {{port}}-{{sandboxID}}.{domain}",
+                domain = app.domain
             ),
         )
         .into_response(),
+        Route::Sandbox { port, sandbox_id } => {
+            let sandbox_id = sandbox_id.to_owned();
+            to_sandbox(&app, req, &sandbox_id, port).await
+        }
         Route::Session {
             port,
             session_id,
@@ -125,6 +159,19 @@ async fn by_host(State(app): Shared, req: Request, next: Next) -> Response {
                 .await
         }
     }
+}
+
+/// Proxies a request of the current E2B SDKs to `port` of sandbox `sandbox_id`; an unknown one
+/// gets E2B's `502` "not found", which the SDKs turn into their "sandbox not running" error.
+async fn to_sandbox(app: &AppState, req: Request, sandbox_id: &str, port: u16) -> Response {
+    let span = tracing::info_span!("gateway", session = %sandbox_id, port, method = %req.method(), path = %req.uri().path());
+    let Some(route) = app.sessions.route(sandbox_id) else {
+        return burrow_gateway::sandbox_not_found(sandbox_id);
+    };
+    app.gateway
+        .proxy_sandbox(req, sandbox_id, route.team_id, &route.socket, port)
+        .instrument(span)
+        .await
 }
 
 async fn not_found() -> ApiError {
@@ -359,7 +406,14 @@ async fn create_session(
     let principal = app.require(key).await?;
     let info = app
         .sessions
-        .create(&principal, &body.code_snippet_id, body.edit_enabled)
+        .create(
+            &principal,
+            &body.code_snippet_id,
+            burrow_sessions::NewSession {
+                edit_enabled: body.edit_enabled,
+                ..burrow_sessions::NewSession::default()
+            },
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(info.into())))
 }

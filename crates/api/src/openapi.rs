@@ -17,7 +17,7 @@ use crate::AppState;
 #[openapi(
     info(
         title = "burrow",
-        description = "E2B session-era API (Devbook API 1.0.0 compatible). Authenticate with the `api_key` query parameter or the `X-API-Key` header. Every error is JSON `{\"code\", \"message\"}`. Sandboxes are reached at `{port}-{sessionID}-{clientID}.{domain}`: port 49982 is envd (`/ws` JSON-RPC websocket, `/file`), any other port is tunnelled to that TCP port inside the sandbox.",
+        description = "E2B session-era API (Devbook API 1.0.0 compatible). Authenticate with the `api_key` query parameter or the `X-API-Key` header. Every error is JSON `{\"code\", \"message\"}`. Sandboxes are reached at `{port}-{sessionID}-{clientID}.{domain}`: port 49982 is envd (`/ws` JSON-RPC websocket, `/file`), any other port is tunnelled to that TCP port inside the sandbox. The current E2B SDKs' control plane is served too (`/sandboxes`, `/v2/sandboxes`; template `base` is the `Bash` environment), and their sandboxes are reached at `{port}-{sandboxID}.{domain}` or at this server's own address with the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers (port 49983: envd's Connect services and `/health`).",
         version = "1.0.0"
     ),
     paths(
@@ -25,6 +25,13 @@ use crate::AppState;
         super::list_sessions,
         super::delete_session,
         super::refresh_session,
+        super::sandboxes::create,
+        super::sandboxes::create_v2,
+        super::sandboxes::list_v1,
+        super::sandboxes::list_v2,
+        super::sandboxes::get,
+        super::sandboxes::kill,
+        super::sandboxes::set_timeout,
         super::envs::list,
         super::envs::create,
         super::envs::put,
@@ -44,7 +51,11 @@ use crate::AppState;
         super::envs::EnvironmentStateBody,
         super::envs::StateName,
         super::envs::EnvironmentTitle,
-        super::envs::EnvironmentBody
+        super::envs::EnvironmentBody,
+        super::sandboxes::NewSandbox,
+        super::sandboxes::SandboxTimeout,
+        super::sandboxes::SandboxBody,
+        super::sandboxes::SandboxDetail
     )),
     modifiers(&KeySchemes, &CommonAnswers)
 )]

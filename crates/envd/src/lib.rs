@@ -9,7 +9,8 @@
 //!   is queued for it); `hub` holds the subscriptions of the whole sandbox;
 //! - services: `filesystem` (+ `watch`), `process`, `terminal`, `ports` (`codeSnippet`), sharing
 //!   `child` (how children start and are read) and `reaper`;
-//! - plain HTTP: `file` (`/file`), `tunnel` (`/tunnel/{port}`), `/ping`.
+//! - plain HTTP: `file` (`/file`), `tunnel` (`/tunnel/{port}`), `/ping`, and `/health` for the
+//!   current E2B SDKs (`is_running`, and their probe after a failed call).
 //! - `connect`: the Connect services the current E2B SDKs call (`/process.Process/*`, e2b v2 wire
 //!   spec §5-§6), beside the JSON-RPC above.
 
@@ -134,9 +135,16 @@ async fn ping(Shared(state): Shared<Arc<State>>) -> &'static str {
     "pong"
 }
 
+/// The current E2B SDKs' liveness probe (wire spec §4.3): `204`. Unlike `/ping` it is no
+/// readiness signal, so it starts nothing.
+async fn health() -> axum::http::StatusCode {
+    axum::http::StatusCode::NO_CONTENT
+}
+
 fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/ping", get(ping))
+        .route("/health", get(health))
         .route("/ws", get(connection::upgrade))
         .route(
             "/file",

@@ -1,7 +1,13 @@
 //! The gateway: routes `{port}-{sessionID}-{clientID}.{domain}` to a session's envd, proxying bytes
 //! (HTTP and websocket upgrades). It does not parse JSON-RPC.
 //!
-//! Port 49982 is envd itself; any other port goes through envd's `/tunnel/{port}` upgrade, which
+//! The current E2B SDKs reach a sandbox (a session) as `{port}-{sandboxID}.{domain}`, or, with
+//! `E2B_SANDBOX_URL`, at one URL with the `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers naming
+//! it (e2b v2 wire spec §2.4, §4.1); the 502s the gateway makes for them carry E2B's bodies, which
+//! the SDKs classify by their text. Connect streams (`application/connect+json` bodies: stdin of a
+//! process) are exempt from the body idle timeout, as websockets are.
+//!
+//! Ports 49982 and 49983 are envd itself; any other port goes through envd's `/tunnel/{port}` upgrade, which
 //! splices the connection to that TCP port inside the sandbox. Either way the client's request is
 //! then forwarded unchanged over HTTP/1.1, and a `101 Switching Protocols` answer turns the
 //! exchange into a byte pipe in both directions.
@@ -25,7 +31,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -36,6 +42,16 @@ use slots::Slots;
 
 /// The port envd serves on in the E2B hostname scheme.
 pub const ENVD_PORT: u16 = 49982;
+/// envd's port for the current E2B SDKs (Connect, `/health`): the same envd, the same socket.
+pub const E2B_ENVD_PORT: u16 = 49983;
+
+/// The headers that name a request's sandbox and port in the `E2B_SANDBOX_URL` mode.
+pub const SANDBOX_ID_HEADER: &str = "e2b-sandbox-id";
+pub const SANDBOX_PORT_HEADER: &str = "e2b-sandbox-port";
+
+fn is_envd(port: u16) -> bool {
+    port == ENVD_PORT || port == E2B_ENVD_PORT
+}
 
 /// Where a request's `Host` sends it.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +64,8 @@ pub enum Route<'a> {
         session_id: &'a str,
         client_id: &'a str,
     },
+    /// `{port}-{sandbox}.{domain}`: a sandbox (session) as the current E2B SDKs name it.
+    Sandbox { port: u16, sandbox_id: &'a str },
     /// Under the session domain but not of the session form.
     Invalid,
 }
@@ -78,23 +96,83 @@ pub fn route<'a>(host: &'a str, domain: &str) -> Route<'a> {
         return Route::Api;
     };
     let mut parts = label.split('-');
-    let (Some(port), Some(session_id), Some(client_id), None) =
+    let (Some(port), Some(session_id), client_id, None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Route::Invalid;
     };
-    let port = match port.parse::<u16>() {
-        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
-        _ => return Route::Invalid,
-    };
-    if !is_id(session_id) || !is_id(client_id) {
+    let Some(port) = parse_port(port) else {
         return Route::Invalid;
+    };
+    match client_id {
+        Some(client_id) if is_id(session_id) && is_id(client_id) => Route::Session {
+            port,
+            session_id,
+            client_id,
+        },
+        None if is_id(session_id) => Route::Sandbox {
+            port,
+            sandbox_id: session_id,
+        },
+        _ => Route::Invalid,
     }
-    Route::Session {
-        port,
-        session_id,
-        client_id,
+}
+
+fn parse_port(port: &str) -> Option<u16> {
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => Some(p),
+        _ => None,
     }
+}
+
+/// The sandbox and port the `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers name: `None` when the
+/// request has neither (route it by its `Host`), `Err` with what is wrong (a `400`) when one is
+/// missing, repeated or not valid.
+pub fn route_by_headers(headers: &HeaderMap) -> Option<Result<(u16, String), String>> {
+    let missing = |name: &str| {
+        format!(
+            "missing header {name}: a request to a sandbox names it with both E2b-Sandbox-Id and \
+             E2b-Sandbox-Port"
+        )
+    };
+    let (id, port) = match (
+        headers.get(SANDBOX_ID_HEADER),
+        headers.get(SANDBOX_PORT_HEADER),
+    ) {
+        (None, None) => return None,
+        (Some(id), Some(port)) => (id, port),
+        (Some(_), None) => return Some(Err(missing("E2b-Sandbox-Port"))),
+        (None, Some(_)) => return Some(Err(missing("E2b-Sandbox-Id"))),
+    };
+    let Some(id) = id.to_str().ok().filter(|id| is_id(id)) else {
+        return Some(Err(
+            "invalid sandbox ID in E2b-Sandbox-Id: sandbox IDs are [a-z0-9]+".to_owned(),
+        ));
+    };
+    let Some(port) = port.to_str().ok().and_then(parse_port) else {
+        return Some(Err(
+            "invalid sandbox port in E2b-Sandbox-Port: use a port number, 1-65535".to_owned(),
+        ));
+    };
+    Some(Ok((port, id.to_owned())))
+}
+
+/// E2B's answer for a sandbox that does not exist (or is gone): the SDKs raise their "sandbox
+/// not running" error on the text "was not found" (wire spec §4.1).
+pub fn sandbox_not_found(sandbox_id: &str) -> Response {
+    e2b_bad_gateway(sandbox_id, "The sandbox was not found")
+}
+
+/// A `502` in E2B's shape, `{"sandboxId", "message", "code": 502}`.
+fn e2b_bad_gateway(sandbox_id: &str, message: &str) -> Response {
+    let body = serde_json::json!({"sandboxId": sandbox_id, "message": message, "code": 502});
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// What the gateway allows; `burrow serve` sets them from its flags.
@@ -151,6 +229,9 @@ enum ProxyError {
     AnswerTimeout(Duration),
     #[error("the session's sandbox broke the connection: {0}")]
     Http(#[from] hyper::Error),
+    /// envd refused to open the tunnel (nothing listens on the port): its answer.
+    #[error("envd refused the tunnel to port {port} with {}", .answer.status())]
+    Tunnel { port: u16, answer: Response },
 }
 
 impl ProxyError {
@@ -164,6 +245,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Connect(_) | ProxyError::Http(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Tunnel { answer, .. } => answer.status(),
         }
     }
 }
@@ -207,7 +289,33 @@ impl Gateway {
     ) -> Response {
         strip_credentials(&mut req);
         match self.try_proxy(req, session, team, socket, port).await {
+            Ok(resp) | Err(ProxyError::Tunnel { answer: resp, .. }) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway refused or failed");
+                error(&e)
+            }
+        }
+    }
+
+    /// [`Gateway::proxy`] for a request of the current E2B SDKs to sandbox `sandbox`: a port
+    /// nothing listens on gets E2B's `502` ("port is not open").
+    pub async fn proxy_sandbox(
+        &self,
+        mut req: Request,
+        sandbox: &str,
+        team: i64,
+        socket: &Path,
+        port: u16,
+    ) -> Response {
+        strip_credentials(&mut req);
+        match self.try_proxy(req, sandbox, team, socket, port).await {
             Ok(resp) => resp,
+            Err(ProxyError::Tunnel { answer, .. })
+                if answer.status() == StatusCode::BAD_GATEWAY =>
+            {
+                e2b_bad_gateway(sandbox, "The sandbox is running but port is not open")
+            }
+            Err(ProxyError::Tunnel { answer, .. }) => answer,
             Err(e) => {
                 tracing::debug!(error = %e, "gateway refused or failed");
                 error(&e)
@@ -247,9 +355,10 @@ impl Gateway {
         // The slots live with the socket: through hyper's connection and any upgrade after it.
         let io = TokioIo::new(Guarded::new(stream, (slot, team_slot)));
         // Only a plain request's body is bounded: an upgrade request has none worth the name, and
-        // what follows its `101` is not a body.
-        let idle = (!wants_upgrade(&req)).then_some(body_idle_timeout);
-        if port == ENVD_PORT {
+        // what follows its `101` is not a body; a Connect stream's body is a process's stdin,
+        // which may rightly stay silent for hours.
+        let idle = (!wants_upgrade(&req) && !is_connect_stream(&req)).then_some(body_idle_timeout);
+        if is_envd(port) {
             return forward(io, req, Some(envd_timeout), idle).await;
         }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
@@ -265,7 +374,10 @@ impl Gateway {
             .map_err(|_| ProxyError::AnswerTimeout(envd_timeout))??;
         conn.answered();
         if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(answer.map(Body::new));
+            return Err(ProxyError::Tunnel {
+                port,
+                answer: answer.map(Body::new),
+            });
         }
         let upgraded = hyper::upgrade::on(&mut answer).await?;
         // The answer now comes from the program listening in the sandbox, which may take as long
@@ -354,6 +466,19 @@ impl Drop for Unanswered {
             conn.abort();
         }
     }
+}
+
+/// A Connect streaming call (`application/connect+json`, `+proto`): its body is a stream of
+/// messages the client sends when it has them.
+fn is_connect_stream(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let prefix = "application/connect+";
+            v.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        })
 }
 
 fn wants_upgrade(req: &Request) -> bool {
@@ -467,6 +592,67 @@ mod tests {
         }
     }
 
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn routes_by_e2b_headers() {
+        assert_eq!(
+            route_by_headers(&headers(&[("host", "127.0.0.1:3000")])),
+            None
+        );
+        assert_eq!(
+            route_by_headers(&headers(&[
+                ("E2b-Sandbox-Id", "abc123"),
+                ("E2b-Sandbox-Port", "49983")
+            ])),
+            Some(Ok((49983, "abc123".to_owned())))
+        );
+        for (pairs, needle) in [
+            (
+                &[("e2b-sandbox-id", "abc")][..],
+                "missing header E2b-Sandbox-Port",
+            ),
+            (
+                &[("e2b-sandbox-port", "49983")][..],
+                "missing header E2b-Sandbox-Id",
+            ),
+            (
+                &[("e2b-sandbox-id", "ABC"), ("e2b-sandbox-port", "1")][..],
+                "invalid sandbox ID",
+            ),
+            (
+                &[("e2b-sandbox-id", ""), ("e2b-sandbox-port", "1")][..],
+                "invalid sandbox ID",
+            ),
+            (
+                &[("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", "0")][..],
+                "invalid sandbox port",
+            ),
+            (
+                &[("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", "+80")][..],
+                "invalid sandbox port",
+            ),
+            (
+                &[("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", "65536")][..],
+                "invalid sandbox port",
+            ),
+        ] {
+            match route_by_headers(&headers(pairs)) {
+                Some(Err(message)) => assert!(message.contains(needle), "{pairs:?}: {message}"),
+                other => panic!("{pairs:?}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn routes_hosts() {
         let d = "localhost";
@@ -487,7 +673,16 @@ mod tests {
             ("example.com", Route::Api),
             ("xlocalhost", Route::Api),
             ("a-b-c.notlocalhost", Route::Api),
+            (
+                "49983-abc123.localhost:3000",
+                Route::Sandbox {
+                    port: 49983,
+                    sandbox_id: "abc123",
+                },
+            ),
             ("foo.localhost", Route::Invalid),
+            ("80-ABC.localhost", Route::Invalid),
+            ("80-.localhost", Route::Invalid),
             ("0-abc-def.localhost", Route::Invalid),
             ("65536-abc-def.localhost", Route::Invalid),
             ("+80-abc-def.localhost", Route::Invalid),

@@ -321,3 +321,81 @@ async fn a_stalled_upload_gets_408_and_envd_sees_it_aborted() {
     drop(tx);
     all_closed(&gateway, "s1").await;
 }
+
+/// An envd that reads each request's body whole and answers with the number of bytes it read,
+/// or `502 nothing listens` to a tunnel request.
+fn reading_envd(path: &Path) {
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path().starts_with("/tunnel/") {
+                        let mut resp = hyper::Response::new(Body::from("nothing listens"));
+                        *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                        return Ok::<_, hyper::Error>(resp);
+                    }
+                    let read = req.into_body().collect().await?.to_bytes().len();
+                    Ok(hyper::Response::new(Body::from(read.to_string())))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(conn), service),
+            );
+        }
+    });
+}
+
+/// A Connect client stream (`StreamInput`: a process's stdin) may pause for longer than the
+/// body idle timeout: it is not an upload that stalled.
+#[tokio::test]
+async fn a_connect_stream_may_pause_longer_than_the_idle_timeout() {
+    let path = socket("connect-stream");
+    reading_envd(&path);
+    let (tx, rx) = mpsc::channel(1);
+    let client = tokio::spawn(async move {
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        tokio::time::sleep(IDLE + IDLE / 2).await;
+        tx.send(Bytes::from_static(b"de")).await.unwrap();
+    });
+    let request = Request::post("/process.Process/StreamInput")
+        .header(header::CONTENT_TYPE, "application/connect+json")
+        .body(Body::new(Trickle(rx)))
+        .unwrap();
+    let gateway = gateway(8);
+    let resp = gateway
+        .proxy_sandbox(request, "s1", 1, &path, E2B_ENVD_PORT)
+        .await;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(body, "5");
+    client.await.unwrap();
+    all_closed(&gateway, "s1").await;
+}
+
+/// A port nothing listens on: E2B's 502, whose text the SDKs classify, for the current SDKs;
+/// envd's own answer, as before, for the session-era clients.
+#[tokio::test]
+async fn a_closed_port_gets_e2b_s_502_on_the_sandbox_route() {
+    let path = socket("closed-port");
+    reading_envd(&path);
+    let gateway = gateway(8);
+    let resp = gateway
+        .proxy_sandbox(get("/"), "sbx1", 1, &path, 8080)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"sandboxId": "sbx1", "message": "The sandbox is running but port is not open", "code": 502})
+    );
+    let resp = gateway.proxy(get("/"), "sbx1", 1, &path, 8080).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "nothing listens");
+    all_closed(&gateway, "sbx1").await;
+}

@@ -27,20 +27,18 @@ fn reference<'a>(host: &'a str, domain: &str) -> Route<'a> {
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     };
-    if parts.len() != 3
-        || parts[0].is_empty()
-        || !parts[0].bytes().all(|b| b.is_ascii_digit())
-        || !id(parts[1])
-        || !id(parts[2])
-    {
-        return Route::Invalid;
-    }
-    match parts[0].parse::<u16>() {
-        Ok(port) if port != 0 => Route::Session {
+    let port_ok = !parts[0].is_empty() && parts[0].bytes().all(|b| b.is_ascii_digit());
+    let port = match parts[0].parse::<u16>() {
+        Ok(port) if port != 0 && port_ok => port,
+        _ => return Route::Invalid,
+    };
+    match parts[..] {
+        [_, session_id, client_id] if id(session_id) && id(client_id) => Route::Session {
             port,
-            session_id: parts[1],
-            client_id: parts[2],
+            session_id,
+            client_id,
         },
+        [_, sandbox_id] if id(sandbox_id) => Route::Sandbox { port, sandbox_id },
         _ => Route::Invalid,
     }
 }

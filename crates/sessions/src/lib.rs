@@ -12,7 +12,7 @@ mod pool;
 mod save_locks;
 mod timers;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -163,7 +163,29 @@ pub struct SessionInfo {
     pub session_id: String,
     pub client_id: String,
     pub environment: String,
+    /// The built-in environment it runs (`environment` itself, or a custom one's template).
+    pub template: String,
     pub edit_enabled: bool,
+    pub started_at: SystemTime,
+    /// When it ends unless refreshed or given another timeout.
+    pub end_at: SystemTime,
+    pub metadata: BTreeMap<String, String>,
+    /// What its sandbox may use.
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// What a create asks for besides the environment.
+#[derive(Debug, Clone, Default)]
+pub struct NewSession {
+    /// A shared, persistent edit session of the environment (see [`Sessions::create`]).
+    pub edit_enabled: bool,
+    /// A sandbox of the current E2B API: it lives this long from its create (until
+    /// [`Sessions::set_timeout`] says otherwise), and a refresh never shortens that. `None`: the
+    /// session-era lifetime, one refresh TTL at a time.
+    pub timeout: Option<Duration>,
+    /// The client's labels, returned with the session.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A live session as the gateway needs it.
@@ -187,6 +209,9 @@ struct Live {
     limits: Limits,
     sandbox: Sandbox,
     deadline: Instant,
+    /// Unix milliseconds.
+    created_at: i64,
+    metadata: BTreeMap<String, String>,
 }
 
 struct Inner {
@@ -254,6 +279,10 @@ fn deadline_ms(deadline: Instant) -> i64 {
         wall - (now - deadline)
     };
     unix_ms(at)
+}
+
+fn from_unix_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
 /// A session ID: 20 characters of `[a-z0-9]`, about 103 random bits, since knowing it is enough
@@ -378,7 +407,12 @@ impl Sessions {
                 continue;
             };
             // Clients could not refresh while the server was down: give them one TTL to come back.
-            let remaining_ms = (row.expires_at - now_ms).max(inner.config.ttl.as_millis() as i64);
+            // A sandbox the client gave a lifetime is not refreshed: its end stays where it was.
+            let grace_ms = match row.timeout_ms {
+                Some(_) => 0,
+                None => inner.config.ttl.as_millis() as i64,
+            };
+            let remaining_ms = (row.expires_at - now_ms).max(grace_ms);
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
             tracing::info!(session = %row.id, sandbox = %row.sandbox_id, "adopted session");
             kept.push(row.sandbox_id.clone());
@@ -466,6 +500,8 @@ impl Sessions {
                 uid_base,
             },
             deadline,
+            created_at: row.created_at,
+            metadata: row.metadata.clone(),
         }
     }
 
@@ -559,7 +595,13 @@ impl Sessions {
             session_id: id.to_string(),
             client_id: self.inner.config.client_id.clone(),
             environment: live.environment.clone(),
+            template: live.template.clone(),
             edit_enabled: live.edit_enabled,
+            started_at: from_unix_ms(live.created_at),
+            end_at: from_unix_ms(deadline_ms(live.deadline)),
+            metadata: live.metadata.clone(),
+            memory_bytes: live.limits.memory_bytes,
+            disk_bytes: live.limits.disk_bytes,
         }
     }
 
@@ -751,15 +793,13 @@ impl Sessions {
         &self,
         principal: &Principal,
         environment: &str,
-        edit_enabled: bool,
+        new: NewSession,
     ) -> Result<SessionInfo, Error> {
         let (this, principal, environment) =
             (self.clone(), principal.clone(), environment.to_string());
         detached(async move {
             let started = Instant::now();
-            let result = this
-                .create_inner(&principal, &environment, edit_enabled)
-                .await;
+            let result = this.create_inner(&principal, &environment, new).await;
             match &result {
                 Ok(_) => this.inner.metrics.record_create(started.elapsed()),
                 Err(_) => this.inner.metrics.create_failures.inc(),
@@ -773,8 +813,9 @@ impl Sessions {
         &self,
         principal: &Principal,
         environment: &str,
-        edit_enabled: bool,
+        new: NewSession,
     ) -> Result<SessionInfo, Error> {
+        let edit_enabled = new.edit_enabled;
         let (team_id, name) = (principal.team_id, environment.to_string());
         let custom = self.store(move |s| s.environment(team_id, &name)).await?;
         // Only a custom environment saves edits. A create of one waits for an edit session of
@@ -835,7 +876,8 @@ impl Sessions {
         };
         self.inner.pool.wake();
         let id = new_session_id();
-        let deadline = Instant::now() + self.inner.config.ttl;
+        let deadline = Instant::now() + new.timeout.unwrap_or(self.inner.config.ttl);
+        let created_at = unix_ms(SystemTime::now());
         let edit_base = saves_edits.then(|| EditBase {
             snapshot: env.snapshot.as_ref().map(|s| s.version.clone()),
             rootfs: env.rootfs.clone(),
@@ -847,10 +889,12 @@ impl Sessions {
             template: env.name.clone(),
             edit_enabled,
             sandbox_id: sandbox.id.clone(),
-            created_at: unix_ms(SystemTime::now()),
+            created_at,
             expires_at: deadline_ms(deadline),
             ending: false,
             edit_base: edit_base.clone(),
+            timeout_ms: new.timeout.map(|t| t.as_millis() as i64),
+            metadata: new.metadata.clone(),
         };
         if let Err(e) = self.store(move |s| s.insert_session(&row)).await {
             let _ = self.inner.backend.destroy(&sandbox.id).await;
@@ -865,6 +909,8 @@ impl Sessions {
             limits,
             sandbox,
             deadline,
+            created_at,
+            metadata: new.metadata,
         };
         let info = self.info(&id, &live);
         self.insert_live(id.clone(), live);
@@ -934,24 +980,62 @@ impl Sessions {
         })
     }
 
-    /// Re-arms the session's TTL. Without a key the session ID is the capability (the SDK
+    /// Re-arms the session's TTL: it lives at least one TTL from now (a sandbox whose timeout
+    /// ends later keeps its end). Without a key the session ID is the capability (the SDK
     /// refreshes keyless); with one, it must be the owner's (or an admin's): another team's
     /// session is not found, as for a delete, so IDs of other teams cannot be probed.
     pub async fn refresh(&self, id: &str, principal: Option<&Principal>) -> Result<(), Error> {
-        let deadline = Instant::now() + self.inner.config.ttl;
-        {
+        let deadline = {
             let mut live = self.live();
             let session = live
                 .get_mut(id)
                 .filter(|l| principal.is_none_or(|p| p.admin || p.team_id == l.team_id))
                 .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            session.deadline = deadline;
-        }
+            session.deadline = session.deadline.max(Instant::now() + self.inner.config.ttl);
+            session.deadline
+        };
         self.inner.timers.push(deadline, id.to_string());
         let (id, at) = (id.to_string(), deadline_ms(deadline));
         self.store(move |s| s.set_session_expiry(&id, at)).await?;
         self.inner.metrics.refreshes.inc();
         Ok(())
+    }
+
+    /// Gives the session a lifetime of `timeout` from now, shorter or longer than what it had
+    /// (E2B's `set_timeout`); recorded as the client's lifetime, so a restart keeps its end.
+    /// Another team's session is not found.
+    pub async fn set_timeout(
+        &self,
+        id: &str,
+        principal: &Principal,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut live = self.live();
+            let session = live
+                .get_mut(id)
+                .filter(|l| principal.admin || principal.team_id == l.team_id)
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            session.deadline = deadline;
+        }
+        self.inner.timers.push(deadline, id.to_string());
+        let (id, at, ms) = (
+            id.to_string(),
+            deadline_ms(deadline),
+            timeout.as_millis() as i64,
+        );
+        self.store(move |s| s.set_session_timeout(&id, ms, at))
+            .await
+    }
+
+    /// One of the caller's team's sessions (any, for an admin); another team's is not found.
+    pub fn get(&self, id: &str, principal: &Principal) -> Result<SessionInfo, Error> {
+        let live = self.live();
+        live.get(id)
+            .filter(|l| principal.admin || l.team_id == principal.team_id)
+            .map(|l| self.info(id, l))
+            .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// The caller's team's sessions; an admin sees every session.

@@ -14,6 +14,7 @@ mod environments;
 mod keys;
 mod schema;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -63,6 +64,11 @@ pub struct SessionRow {
     /// An edit session of a custom environment: the root it started from, which its save
     /// applies its changes to.
     pub edit_base: Option<EditBase>,
+    /// The lifetime the client set (milliseconds), a sandbox of the current E2B API:
+    /// `expires_at` is then its end, which a restart keeps, rather than a refresh deadline.
+    pub timeout_ms: Option<i64>,
+    /// The client's labels of the session.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The root an edit session of a custom environment started from.
@@ -214,8 +220,8 @@ impl Store {
         let base = row.edit_base.as_ref();
         self.node().execute(
             "INSERT INTO sessions (id, team_id, environment, template, edit_enabled, sandbox_id,
-                 created_at, expires_at, ending, edit_snapshot, edit_rootfs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 created_at, expires_at, ending, edit_snapshot, edit_rootfs, timeout_ms, metadata)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 row.id,
                 row.team_id,
@@ -228,6 +234,8 @@ impl Store {
                 row.ending,
                 base.and_then(|b| b.snapshot.as_deref()),
                 base.map(|b| b.rootfs.to_string_lossy().into_owned()),
+                row.timeout_ms,
+                metadata_json(&row.metadata),
             ],
         )?;
         Ok(())
@@ -237,6 +245,15 @@ impl Store {
         self.node().execute(
             "UPDATE sessions SET expires_at = ?2 WHERE id = ?1",
             params![id, expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the lifetime the client chose and the end it makes (see [`SessionRow::timeout_ms`]).
+    pub fn set_session_timeout(&self, id: &str, timeout_ms: i64, expires_at: i64) -> Result<()> {
+        self.node().execute(
+            "UPDATE sessions SET timeout_ms = ?2, expires_at = ?3 WHERE id = ?1",
+            params![id, timeout_ms, expires_at],
         )?;
         Ok(())
     }
@@ -260,12 +277,13 @@ impl Store {
         let conn = self.node();
         let mut stmt = conn.prepare(
             "SELECT id, team_id, environment, template, edit_enabled, sandbox_id, created_at,
-                 expires_at, ending, edit_snapshot, edit_rootfs
+                 expires_at, ending, edit_snapshot, edit_rootfs, timeout_ms, metadata
              FROM sessions ORDER BY created_at",
         )?;
         let rows = stmt.query_map([], |r| {
             let snapshot: Option<String> = r.get(9)?;
             let rootfs: Option<String> = r.get(10)?;
+            let metadata: String = r.get(12)?;
             Ok(SessionRow {
                 id: r.get(0)?,
                 team_id: r.get(1)?,
@@ -280,10 +298,23 @@ impl Store {
                     snapshot,
                     rootfs: rootfs.into(),
                 }),
+                timeout_ms: r.get(11)?,
+                metadata: serde_json::from_str(&metadata).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        12,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// A session's metadata as stored: a JSON object of strings.
+fn metadata_json(metadata: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(metadata).expect("a map of strings always serializes")
 }
 
 #[cfg(test)]
@@ -350,6 +381,8 @@ mod tests {
             expires_at: 1_000 + i as i64,
             ending: false,
             edit_base: None,
+            timeout_ms: None,
+            metadata: BTreeMap::new(),
         };
 
         let t = Instant::now();
@@ -410,6 +443,11 @@ mod tests {
                 snapshot: Some("v1".into()),
                 rootfs: "/data/environments/snapshots/1/mine/v1/rootfs".into(),
             }),
+            timeout_ms: None,
+            metadata: BTreeMap::from([
+                ("owner".into(), "ana \"a\" ü".into()),
+                ("empty".into(), String::new()),
+            ]),
         };
         store.insert_session(&row).unwrap();
         store.set_session_expiry("sabc", 99).unwrap();
@@ -419,6 +457,16 @@ mod tests {
             vec![SessionRow {
                 expires_at: 99,
                 ending: true,
+                ..row.clone()
+            }]
+        );
+        store.set_session_timeout("sabc", 300_000, 1234).unwrap();
+        assert_eq!(
+            store.sessions().unwrap(),
+            vec![SessionRow {
+                expires_at: 1234,
+                ending: true,
+                timeout_ms: Some(300_000),
                 ..row
             }]
         );
@@ -499,6 +547,8 @@ mod tests {
                 expires_at: 1,
                 ending: false,
                 edit_base: None,
+                timeout_ms: None,
+                metadata: BTreeMap::new(),
             })
             .unwrap();
         store.set_session_expiry("s1", 2).unwrap();

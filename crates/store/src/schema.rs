@@ -67,6 +67,10 @@ const NODE: &[&str] = &[
          edit_rootfs TEXT
      );
      CREATE INDEX sessions_by_creation ON sessions (created_at);",
+    // 2: sandboxes of the current E2B API: a lifetime set by the client instead of the refresh
+    // TTL, and the client's metadata (a JSON object of strings).
+    "ALTER TABLE sessions ADD COLUMN timeout_ms INTEGER;
+     ALTER TABLE sessions ADD COLUMN metadata TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// Runs the migrations `conn` has not seen, in one transaction; `before(tx, i)` runs ahead of

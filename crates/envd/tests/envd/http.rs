@@ -1,4 +1,4 @@
-//! Plain HTTP on envd's socket: `/ping`, `/file` (wire spec §6) and `/tunnel/{port}`.
+//! Plain HTTP on envd's socket: `/ping`, `/health`, `/file` (wire spec §6) and `/tunnel/{port}`.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -46,6 +46,15 @@ async fn ping_answers_pong() {
     let (response, body) = sandbox.http(get("/ping")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(body, "pong");
+}
+
+/// The current E2B SDKs' `is_running()` wants a 2xx, and E2B's envd answers 204.
+#[tokio::test]
+async fn health_answers_204() {
+    let sandbox = Sandbox::start().await;
+    let (response, body) = sandbox.http(get("/health")).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(body.is_empty());
 }
 
 #[tokio::test]
