@@ -136,7 +136,7 @@ impl Api {
             max_sessions_per_team: 500,
             min_available_memory: 0,
             client_id: node_id.clone(),
-            host_budget: Budget::of_host(8.0),
+            host_budget: Budget::of_host(8.0, &data, 1.0).expect("the host's budget"),
             team_share: 0.5,
             max_environments_per_team: 100,
             edit_quota_per_team: 10 << 30,
