@@ -171,25 +171,31 @@ def test_team_b_is_unaffected_while_team_a_exhausts_every_share(new_server):
     b_home = server.create_session(b)
     failures, rounds, stop = [], [], threading.Event()
 
+    def one_round():
+        t0 = time.monotonic()
+        try:
+            fresh = server.create_session(b)
+            for doc in (b_home, fresh):
+                with server.envd(doc) as envd:
+                    out, err, code = envd.run(B_WORKLOAD, timeout=30)
+                if (out, code) != (["ok"], 0):
+                    failures.append(f"workload: {out} {err} {code}")
+            if server.delete(fresh["sessionID"], b).status != 204:
+                failures.append("delete")
+        except Exception as e:  # noqa: BLE001 -- every failure of B's is the finding
+            failures.append(f"{type(e).__name__}: {e}")
+        rounds.append(time.monotonic() - t0)
+
     def team_b():
         while not stop.is_set():
-            t0 = time.monotonic()
-            try:
-                fresh = server.create_session(b)
-                for doc in (b_home, fresh):
-                    with server.envd(doc) as envd:
-                        out, err, code = envd.run(B_WORKLOAD, timeout=30)
-                    if (out, code) != (["ok"], 0):
-                        failures.append(f"workload: {out} {err} {code}")
-                if server.delete(fresh["sessionID"], b).status != 204:
-                    failures.append("delete")
-            except Exception as e:  # noqa: BLE001 -- every failure of B's is the finding
-                failures.append(f"{type(e).__name__}: {e}")
-            took = time.monotonic() - t0
-            if took > 15:
-                failures.append(f"a round took {took:.1f}s")
-            rounds.append(took)
+            one_round()
 
+    # B's pace alone first: the margin below is stated against it.
+    for _ in range(3):
+        one_round()
+    assert not failures, failures
+    baseline = sorted(rounds)[len(rounds) // 2]
+    rounds.clear()
     worker = threading.Thread(target=team_b)
     worker.start()
     held = []
@@ -225,3 +231,9 @@ def test_team_b_is_unaffected_while_team_a_exhausts_every_share(new_server):
             s.close()
     assert len(rounds) >= 3, f"team B got only {len(rounds)} rounds done"
     assert not failures, failures
+    # The stated margin: while A exhausts everything it may, none of B's rounds takes more than
+    # five times as long as alone, plus 2 s (A's processes get the same CPU weight as B's).
+    slowest = max(rounds)
+    print(f"team B: {baseline:.2f} s a round alone, slowest {slowest:.2f} s of {len(rounds)} "
+          f"rounds while team A exhausted its shares")
+    assert slowest <= 5 * baseline + 2, (baseline, rounds)

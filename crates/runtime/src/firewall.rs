@@ -49,7 +49,9 @@ pub fn table(subnet: Subnet) -> String {
 }
 
 /// The ruleset for the sandboxes in `subnet`, whose resolver listens on `resolver_port` on the
-/// host.
+/// host. Only new connections to the resolver's port from elsewhere are dropped: the same
+/// number is also an ephemeral port the host's own outgoing connections may get, whose replies
+/// must pass (a server's table outlives it, so every port ever picked would be a trap).
 fn ruleset(subnet: Subnet, resolver_port: u16) -> String {
     let table = table(subnet);
     let blocked = BLOCKED4
@@ -87,7 +89,7 @@ table inet {table} {{
         type filter hook input priority filter; policy accept;
         iifname {links} ip saddr {subnet} meta l4proto {{ tcp, udp }} th dport {resolver_port} accept
         iifname {links} ip saddr {subnet} drop
-        iifname != "lo" meta l4proto {{ tcp, udp }} th dport {resolver_port} drop
+        iifname != "lo" ct state new meta l4proto {{ tcp, udp }} th dport {resolver_port} drop
     }}
 
     chain forward {{
