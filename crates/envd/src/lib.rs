@@ -155,6 +155,11 @@ fn router(state: Arc<State>) -> Router {
         .route("/tunnel/{port}", get(tunnel::open))
         // The Connect services of the current E2B SDKs (e2b v2 wire spec §5-§6).
         .route("/process.Process/{method}", post(connect::process))
+        .route("/filesystem.Filesystem/{method}", post(connect::filesystem))
+        .route(
+            "/files",
+            get(connect::files::download).post(connect::files::upload),
+        )
         // Uploads are streamed to disk; the sandbox's disk limit bounds them, not envd.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

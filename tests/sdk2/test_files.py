@@ -1,0 +1,102 @@
+"""The real e2b 2.x SDK's `sbx.files` against burrow: write, read, list, make_dir, exists,
+rename, remove, get_info, and a missing file raising the SDK's NotFoundException."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from e2b import FileType, NotFoundException, Sandbox
+from e2b.sandbox.filesystem.filesystem import WriteEntry
+
+
+def test_write_read_list_and_info(sandboxes):
+    sbx = sandboxes(Sandbox.create())
+
+    info = sbx.files.write("notes/a.txt", "hello files")
+    assert (info.path, info.name) == ("/home/user/notes/a.txt", "a.txt")
+    assert info.type == FileType.FILE
+    assert sbx.files.read("notes/a.txt") == "hello files"
+    assert sbx.files.read("/home/user/notes/a.txt", format="bytes") == b"hello files"
+    # The file and the directory made for it are the sandbox user's, as a command sees them.
+    owners = sbx.commands.run("stat -c %U:%G notes notes/a.txt").stdout.split()
+    assert owners == ["user:user", "user:user"]
+
+    # Writing again replaces the contents.
+    sbx.files.write("notes/a.txt", b"\x00\x01binary")
+    assert sbx.files.read("notes/a.txt", format="bytes") == b"\x00\x01binary"
+
+    written = sbx.files.write_files(
+        [
+            WriteEntry(path="/tmp/many/one", data="1"),
+            WriteEntry(path="~/many/two", data=b"22"),
+        ]
+    )
+    assert sorted(w.path for w in written) == ["/home/user/many/two", "/tmp/many/one"]
+    assert sbx.commands.run("cat /tmp/many/one ~/many/two").stdout == "122"
+
+    entry = sbx.files.get_info("notes/a.txt")
+    assert (entry.name, entry.path, entry.type) == ("a.txt", "/home/user/notes/a.txt", FileType.FILE)
+    assert entry.size == 8
+    assert (entry.owner, entry.group) == ("user", "user")
+    assert entry.permissions == "-rw-r--r--"
+    assert entry.mode == 0o644
+    age = datetime.datetime.now(datetime.timezone.utc) - entry.modified_time
+    assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=5)
+
+    sbx.commands.run("ln -s notes/a.txt link")
+    link = sbx.files.get_info("link")
+    assert link.type == FileType.FILE
+    assert link.symlink_target == "notes/a.txt"
+    assert link.permissions == "Lrwxrwxrwx"
+
+    names = [e.name for e in sbx.files.list("notes")]
+    assert names == ["a.txt"]
+    sbx.files.write("notes/sub/deep/b.txt", "b")
+    shallow = {e.path: e.type for e in sbx.files.list("notes")}
+    assert shallow == {
+        "/home/user/notes/a.txt": FileType.FILE,
+        "/home/user/notes/sub": FileType.DIR,
+    }
+    deep = [e.path for e in sbx.files.list("notes", depth=3)]
+    assert deep == [
+        "/home/user/notes/a.txt",
+        "/home/user/notes/sub",
+        "/home/user/notes/sub/deep",
+        "/home/user/notes/sub/deep/b.txt",
+    ]
+
+
+def test_make_dir_rename_remove_and_exists(sandboxes):
+    sbx = sandboxes(Sandbox.create())
+
+    assert sbx.files.make_dir("a/b/c") is True
+    # Already there: False, not an error.
+    assert sbx.files.make_dir("a/b/c") is False
+    assert sbx.files.get_info("a/b").type == FileType.DIR
+    assert sbx.commands.run("stat -c %U a a/b a/b/c").stdout.split() == ["user"] * 3
+
+    sbx.files.write("a/b/c/f.txt", "moved")
+    moved = sbx.files.rename("a/b/c/f.txt", "x/y/g.txt")
+    assert (moved.name, moved.path) == ("g.txt", "/home/user/x/y/g.txt")
+    assert sbx.files.read("x/y/g.txt") == "moved"
+    assert sbx.files.exists("a/b/c/f.txt") is False
+    assert sbx.files.exists("x/y/g.txt") is True
+
+    sbx.files.remove("a")
+    assert sbx.files.exists("a") is False
+    # Removing what is not there is fine, as `rm -rf`.
+    sbx.files.remove("a")
+
+
+def test_missing_files_raise_not_found(sandboxes):
+    sbx = sandboxes(Sandbox.create())
+
+    with pytest.raises(NotFoundException):
+        sbx.files.read("no/such/file")
+    with pytest.raises(NotFoundException):
+        sbx.files.get_info("no/such/file")
+    with pytest.raises(NotFoundException):
+        sbx.files.list("no/such/dir")
+    with pytest.raises(NotFoundException):
+        sbx.files.rename("no/such/file", "elsewhere")
