@@ -6,8 +6,10 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from e2b import FileType, NotFoundException, Sandbox
+from e2b import FilesystemEventType, FileType, NotFoundException, Sandbox
 from e2b.sandbox.filesystem.filesystem import WriteEntry
+
+from burrow_harness import wait_until
 
 
 def test_write_read_list_and_info(sandboxes):
@@ -100,3 +102,28 @@ def test_missing_files_raise_not_found(sandboxes):
         sbx.files.list("no/such/dir")
     with pytest.raises(NotFoundException):
         sbx.files.rename("no/such/file", "elsewhere")
+
+
+def test_watch_dir_reports_changes(sandboxes):
+    sbx = sandboxes(Sandbox.create())
+    sbx.files.make_dir("watched/sub")
+
+    handle = sbx.files.watch_dir("watched", recursive=True)
+    sbx.files.write("watched/new.txt", "x")
+    sbx.files.write("watched/sub/deep.txt", "y")
+    sbx.files.remove("watched/new.txt")
+
+    seen = []
+
+    def saw_all():
+        seen.extend((e.name, e.type) for e in handle.get_new_events())
+        return ("new.txt", FilesystemEventType.REMOVE) in seen
+
+    wait_until(saw_all, timeout=10)
+    assert ("new.txt", FilesystemEventType.CREATE) in seen
+    assert ("new.txt", FilesystemEventType.WRITE) in seen
+    assert ("sub/deep.txt", FilesystemEventType.CREATE) in seen
+    handle.stop()
+
+    with pytest.raises(NotFoundException):
+        sbx.files.watch_dir("no/such/dir")

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::{Config, State};
 use error::{Code, Error};
-pub(crate) use filesystem::files;
+pub(crate) use filesystem::{Watchers, files};
 pub(crate) use process::Processes;
 
 /// The largest message envd reads (a unary body or one envelope's payload). Stdin arrives in

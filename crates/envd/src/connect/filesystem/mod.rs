@@ -6,6 +6,7 @@
 
 mod entry;
 pub(crate) mod files;
+mod watch;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -21,9 +22,10 @@ use crate::Config;
 use crate::child::os_error_text;
 use crate::user_fs::{self, denied_hint};
 use entry::EntryInfo;
+pub(crate) use watch::Watchers;
 
 /// The methods, for the error that names an unknown one.
-pub(crate) const NAMES: &str = "Stat, MakeDir, Move, ListDir, Remove";
+pub(crate) const NAMES: &str = "Stat, MakeDir, Move, ListDir, Remove, WatchDir, CreateWatcher, GetWatcherEvents, RemoveWatcher";
 
 /// Mode of directories envd makes, before the umask (Go's `os.MkdirAll(path, 0o755)`).
 const DIR_MODE: u32 = 0o755;
@@ -49,6 +51,18 @@ pub(crate) fn method(name: &str) -> Option<Method> {
         "Move" => Method::Unary(|_, call, payload| unary(move_entry, call, payload)),
         "ListDir" => Method::Unary(|_, call, payload| unary(list_dir, call, payload)),
         "Remove" => Method::Unary(|_, call, payload| unary(remove, call, payload)),
+        "WatchDir" => Method::ServerStream(|_, call, payload, sink| {
+            watch::watch_dir(call, payload, sink).boxed()
+        }),
+        "CreateWatcher" => Method::Unary(|state, call, payload| {
+            watch::create_watcher(state, call, payload).boxed()
+        }),
+        "GetWatcherEvents" => Method::Unary(|state, _, payload| {
+            async move { watch::get_watcher_events(&state, &payload) }.boxed()
+        }),
+        "RemoveWatcher" => Method::Unary(|state, _, payload| {
+            async move { watch::remove_watcher(&state, &payload) }.boxed()
+        }),
         _ => return None,
     })
 }
