@@ -497,3 +497,174 @@ async fn calls_act_as_the_user_and_never_follow_its_symlinks_as_root() {
     assert_eq!(std::fs::metadata(outside.join("up")).unwrap().uid(), USER);
     std::fs::remove_dir_all(outside).unwrap();
 }
+
+/// A `WatchDir` call: its response body, read envelope by envelope.
+struct WatchStream {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+}
+
+impl WatchStream {
+    async fn open(sandbox: &Sandbox, request: Value, keepalive: &str) -> Self {
+        let mut payload = vec![0];
+        let message = request.to_string();
+        payload.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        payload.extend_from_slice(message.as_bytes());
+        let (mut sender, connection) = sandbox.http_connection().await;
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(
+                Request::post("/filesystem.Filesystem/WatchDir")
+                    .header(header::HOST, "localhost")
+                    .header(header::CONTENT_TYPE, "application/connect+json")
+                    .header("keepalive-ping-interval", keepalive)
+                    .body(Full::new(Bytes::from(payload)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        Self {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// (flags, message) of the next envelope.
+    async fn next(&mut self) -> (u8, Value) {
+        use http_body_util::BodyExt;
+        loop {
+            if self.buffer.len() >= 5 {
+                let length = u32::from_be_bytes(self.buffer[1..5].try_into().unwrap()) as usize;
+                if self.buffer.len() >= 5 + length {
+                    let flags = self.buffer[0];
+                    let payload: Vec<u8> = self.buffer.drain(..5 + length).skip(5).collect();
+                    return (flags, serde_json::from_slice(&payload).unwrap());
+                }
+            }
+            let frame = tokio::time::timeout(crate::PATIENCE, self.body.frame())
+                .await
+                .expect("envd answered in time")
+                .expect("the stream ended without an end-of-stream envelope")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// Filesystem events, skipping keepalives, until `last` (name, type) has been seen.
+    async fn events_until(&mut self, last: (&str, &str)) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let (flags, message) = self.next().await;
+            assert_eq!(flags, 0, "{message}");
+            if message.get("keepalive").is_some() {
+                continue;
+            }
+            let event = message["filesystem"].clone();
+            let done = event["name"] == last.0 && event["type"] == last.1;
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn watch_dir_streams_start_then_events_and_keepalives() {
+    let sandbox = Sandbox::start_with_home(|home| {
+        std::fs::create_dir_all(home.join("w/sub")).unwrap();
+    })
+    .await;
+
+    let mut watch = WatchStream::open(&sandbox, json!({"path": "w", "recursive": true}), "1").await;
+    assert_eq!(watch.next().await, (0, json!({"start": {}})));
+    std::fs::write(sandbox.home.join("w/a.txt"), "a").unwrap();
+    std::fs::create_dir(sandbox.home.join("w/later")).unwrap();
+    let events = watch.events_until(("later", "EVENT_TYPE_CREATE")).await;
+    assert_eq!(
+        events[0],
+        json!({"name": "a.txt", "type": "EVENT_TYPE_CREATE"})
+    );
+    assert!(events.contains(&json!({"name": "a.txt", "type": "EVENT_TYPE_WRITE"})));
+    // Below the watched directory, including in a directory made after the watch started.
+    std::fs::write(sandbox.home.join("w/sub/b"), "").unwrap();
+    watch.events_until(("sub/b", "EVENT_TYPE_CREATE")).await;
+    // Watched already: envd watches a new directory before it reports its creation.
+    std::fs::write(sandbox.home.join("w/later/c"), "").unwrap();
+    watch.events_until(("later/c", "EVENT_TYPE_CREATE")).await;
+    std::fs::rename(sandbox.home.join("w/a.txt"), sandbox.home.join("w/z")).unwrap();
+    watch.events_until(("a.txt", "EVENT_TYPE_RENAME")).await;
+    std::fs::remove_file(sandbox.home.join("w/z")).unwrap();
+    watch.events_until(("z", "EVENT_TYPE_REMOVE")).await;
+    // Quiet: a keepalive each second.
+    assert_eq!(watch.next().await, (0, json!({"keepalive": {}})));
+
+    // Errors end the stream, HTTP staying 200.
+    let mut missing = WatchStream::open(&sandbox, json!({"path": "nope"}), "1").await;
+    let (flags, end) = missing.next().await;
+    assert_eq!((flags, &end["error"]["code"]), (2, &json!("not_found")));
+    std::fs::write(sandbox.home.join("file"), "").unwrap();
+    let mut file = WatchStream::open(&sandbox, json!({"path": "file"}), "1").await;
+    let (flags, end) = file.next().await;
+    assert_eq!(
+        (flags, &end["error"]["code"]),
+        (2, &json!("invalid_argument"))
+    );
+}
+
+#[tokio::test]
+async fn polled_watchers_buffer_events_until_asked() {
+    let sandbox = Sandbox::start_with_home(|home| {
+        std::fs::create_dir(home.join("w")).unwrap();
+    })
+    .await;
+
+    let (status, body) = call(&sandbox, "CreateWatcher", json!({"path": "w"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["watcherId"].as_str().unwrap().to_owned();
+    std::fs::write(sandbox.home.join("w/f"), "x").unwrap();
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let (status, body) = call(&sandbox, "GetWatcherEvents", json!({"watcherId": id})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        events.extend(body["events"].as_array().cloned().unwrap_or_default());
+        if events.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        events,
+        [
+            json!({"name": "f", "type": "EVENT_TYPE_CREATE"}),
+            json!({"name": "f", "type": "EVENT_TYPE_WRITE"})
+        ]
+    );
+    // Drained: nothing new since.
+    let (_, body) = call(&sandbox, "GetWatcherEvents", json!({"watcher_id": id})).await;
+    assert_eq!(body, json!({}));
+
+    let (status, body) = call(&sandbox, "RemoveWatcher", json!({"watcherId": id})).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({})));
+    for method in ["GetWatcherEvents", "RemoveWatcher"] {
+        fails(
+            &sandbox,
+            method,
+            json!({"watcherId": id}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+    fails(
+        &sandbox,
+        "CreateWatcher",
+        json!({"path": "nope"}),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+}
