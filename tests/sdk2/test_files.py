@@ -4,6 +4,7 @@ rename, remove, get_info, and a missing file raising the SDK's NotFoundException
 from __future__ import annotations
 
 import datetime
+import io
 
 import pytest
 from e2b import FilesystemEventType, FileType, NotFoundException, Sandbox
@@ -36,6 +37,16 @@ def test_write_read_list_and_info(sandboxes):
     )
     assert sorted(w.path for w in written) == ["/home/user/many/two", "/tmp/many/one"]
     assert sbx.commands.run("cat /tmp/many/one ~/many/two").stdout == "122"
+
+    # A file-like object goes up as an application/octet-stream body (envd >= 0.5.7).
+    streamed = sbx.files.write("streamed/data.bin", io.BytesIO(b"x" * 200_000))
+    assert streamed.path == "/home/user/streamed/data.bin"
+    assert b"".join(sbx.files.read("streamed/data.bin", format="stream")) == b"x" * 200_000
+
+    # As another user: `username` picks who writes, and who owns what is made.
+    sbx.files.write("/opt/rooted/r.txt", "root's", user="root")
+    assert sbx.files.read("/opt/rooted/r.txt", user="root") == "root's"
+    assert sbx.files.get_info("/opt/rooted/r.txt", user="root").owner == "root"
 
     entry = sbx.files.get_info("notes/a.txt")
     assert (entry.name, entry.path, entry.type) == ("a.txt", "/home/user/notes/a.txt", FileType.FILE)
@@ -94,10 +105,17 @@ def test_make_dir_rename_remove_and_exists(sandboxes):
 def test_missing_files_raise_not_found(sandboxes):
     sbx = sandboxes(Sandbox.create())
 
+    # The same calls succeed on a file that is there, and fail once it is gone: the error is
+    # envd's answer about the file, naming it, not a missing route's.
+    sbx.files.write("there.txt", "x")
+    assert sbx.files.read("there.txt") == "x"
+    sbx.files.remove("there.txt")
+    with pytest.raises(NotFoundException, match="there.txt"):
+        sbx.files.read("there.txt")
+    with pytest.raises(NotFoundException, match="there.txt"):
+        sbx.files.get_info("there.txt")
     with pytest.raises(NotFoundException):
         sbx.files.read("no/such/file")
-    with pytest.raises(NotFoundException):
-        sbx.files.get_info("no/such/file")
     with pytest.raises(NotFoundException):
         sbx.files.list("no/such/dir")
     with pytest.raises(NotFoundException):
