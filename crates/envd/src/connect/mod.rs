@@ -1,7 +1,8 @@
 //! The Connect protocol subset the current E2B SDKs speak to envd (e2b v2 wire spec §5): JSON
 //! only, no compression, over HTTP/1.1. Unary calls are `application/json` with a bare message
 //! each way; streams are `application/connect+json` bodies of envelopes, a server stream ending
-//! with one end-of-stream envelope that carries the call's error, if any. Services: `process`, `filesystem`.
+//! with one end-of-stream envelope that carries the call's error, if any. Services: `process`,
+//! `filesystem` (whose module also serves `/files`, the SDKs' plain-HTTP transfers).
 
 mod envelope;
 mod error;
