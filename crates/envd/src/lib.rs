@@ -93,6 +93,8 @@ pub(crate) struct State {
     pub(crate) processes: process::Processes,
     /// Processes started over Connect (`process.Process`), by pid.
     pub(crate) connect_processes: connect::Processes,
+    /// Directory watchers polled over Connect (`filesystem.Filesystem/CreateWatcher`), by id.
+    pub(crate) connect_watchers: connect::Watchers,
     pub(crate) terminals: terminal::Terminals,
     pub(crate) watcher: watch::Watcher,
     pub(crate) first_shell: first_shell::FirstShell,
@@ -107,6 +109,7 @@ impl State {
             hub: hub::Hub::default(),
             processes: process::Processes::default(),
             connect_processes: connect::Processes::default(),
+            connect_watchers: connect::Watchers::default(),
             terminals: terminal::Terminals::default(),
             watcher: watch::Watcher::default(),
             next_connection: AtomicU64::new(1),
@@ -155,6 +158,11 @@ fn router(state: Arc<State>) -> Router {
         .route("/tunnel/{port}", get(tunnel::open))
         // The Connect services of the current E2B SDKs (e2b v2 wire spec §5-§6).
         .route("/process.Process/{method}", post(connect::process))
+        .route("/filesystem.Filesystem/{method}", post(connect::filesystem))
+        .route(
+            "/files",
+            get(connect::files::download).post(connect::files::upload),
+        )
         // Uploads are streamed to disk; the sandbox's disk limit bounds them, not envd.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

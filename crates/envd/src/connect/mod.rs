@@ -1,10 +1,12 @@
 //! The Connect protocol subset the current E2B SDKs speak to envd (e2b v2 wire spec §5): JSON
 //! only, no compression, over HTTP/1.1. Unary calls are `application/json` with a bare message
 //! each way; streams are `application/connect+json` bodies of envelopes, a server stream ending
-//! with one end-of-stream envelope that carries the call's error, if any. Services: `process`.
+//! with one end-of-stream envelope that carries the call's error, if any. Services: `process`,
+//! `filesystem` (whose module also serves `/files`, the SDKs' plain-HTTP transfers).
 
 mod envelope;
 mod error;
+mod filesystem;
 mod json;
 mod process;
 mod user;
@@ -25,6 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::{Config, State};
 use error::{Code, Error};
+pub(crate) use filesystem::{Watchers, files};
 pub(crate) use process::Processes;
 
 /// The largest message envd reads (a unary body or one envelope's payload). Stdin arrives in
@@ -79,6 +82,26 @@ pub(crate) async fn process(
             format!(
                 "process.Process/{method} is not implemented; envd serves {}",
                 process::NAMES
+            ),
+        )
+        .into_response();
+    };
+    serve(state, method, headers, body).await
+}
+
+/// `POST /filesystem.Filesystem/{method}`.
+pub(crate) async fn filesystem(
+    Shared(state): Shared<Arc<State>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(method) = filesystem::method(&method) else {
+        return Error::new(
+            Code::Unimplemented,
+            format!(
+                "filesystem.Filesystem/{method} is not implemented; envd serves {}",
+                filesystem::NAMES
             ),
         )
         .into_response();

@@ -13,7 +13,12 @@ use crate::Config;
 /// The configuration children of this call start from: `config` with the identity (uid, gid,
 /// name, home) of the user the request names.
 pub(crate) fn resolve(headers: &HeaderMap, config: &Config) -> Result<Config, Error> {
-    let Some(name) = basic_user(headers) else {
+    by_name(basic_user(headers), config)
+}
+
+/// `config` as the user `name` names (`/files`' `username`); no name means the sandbox user.
+pub(crate) fn by_name(name: Option<String>, config: &Config) -> Result<Config, Error> {
+    let Some(name) = name.filter(|name| !name.is_empty()) else {
         return Ok(config.clone());
     };
     if name == config.user {
@@ -64,7 +69,7 @@ pub(crate) fn working_dir(config: &Config, cwd: Option<&str>) -> Result<PathBuf,
     }
 }
 
-fn expand(path: &str, home: &Path) -> Result<PathBuf, Error> {
+pub(crate) fn expand(path: &str, home: &Path) -> Result<PathBuf, Error> {
     let relative = match path.strip_prefix('~') {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
         Some(_) => {

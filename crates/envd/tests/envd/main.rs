@@ -2,6 +2,7 @@
 //! over real websocket JSON-RPC and HTTP, as the gateway and the SDK speak to it.
 
 mod connect;
+mod connect_fs;
 mod filesystem;
 mod http;
 mod ports;
