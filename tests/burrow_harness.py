@@ -357,6 +357,23 @@ def namespace_init(pid: int) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def new_env(server, key: str, template: str = "Bash") -> str:
+    """A new custom environment (`POST /envs`) of the key's team; its ID."""
+    r = server.request("POST", "/envs", body={"template": template}, api_key=key)
+    assert r.status == 200, r
+    return r.json()["id"]
+
+
+def edit_session(server, key: str, env: str) -> dict:
+    """The key's team's edit session of `env` (`editEnabled: true`)."""
+    r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": True},
+                       api_key=key)
+    assert r.status == 201, r
+    doc = r.json()
+    assert doc["editEnabled"] is True, doc
+    return doc
+
+
 class BurrowServer:
     """One `burrow serve` on a free port with its own data dir."""
 

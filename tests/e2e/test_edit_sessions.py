@@ -7,24 +7,9 @@ from __future__ import annotations
 
 import time
 
-from burrow_harness import assert_error, wait_until
+from burrow_harness import assert_error, edit_session, new_env, wait_until
 
 BURROW_SERVER = {"pool_size": 0}
-
-
-def new_env(server, key, template="Bash") -> str:
-    r = server.request("POST", "/envs", body={"template": template}, api_key=key)
-    assert r.status == 200, r
-    return r.json()["id"]
-
-
-def edit_session(server, key, env: str) -> dict:
-    r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": True},
-                       api_key=key)
-    assert r.status == 201, r
-    doc = r.json()
-    assert doc["editEnabled"] is True
-    return doc
 
 
 def sh(server, session, cmd: str) -> list:

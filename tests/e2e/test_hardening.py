@@ -13,22 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from burrow_harness import assert_error, host_cgroup_dirs, wait_until
+from burrow_harness import assert_error, edit_session, host_cgroup_dirs, new_env, wait_until
 
 BURROW_SERVER = {"pool_size": 0}
-
-
-def new_env(server, key, template="Bash") -> str:
-    r = server.request("POST", "/envs", body={"template": template}, api_key=key)
-    assert r.status == 200, r
-    return r.json()["id"]
-
-
-def edit_session(server, key, env: str) -> dict:
-    r = server.request("POST", "/sessions", body={"codeSnippetID": env, "editEnabled": True},
-                       api_key=key)
-    assert r.status == 201, r
-    return r.json()
 
 
 def sh(server, session, cmd: str) -> list:
