@@ -18,6 +18,9 @@ pub struct BenchArgs {
     /// Sessions created at once for the concurrent time-to-interactive figure.
     #[arg(long, default_value_t = 100)]
     concurrent: usize,
+    /// Creates of each paced measurement (one at a time, an interval apart).
+    #[arg(long, default_value_t = 30)]
+    paced_rounds: usize,
     /// Bursts of `--concurrent` sessions measured with a pool sized for them.
     #[arg(long, default_value_t = 5)]
     bursts: usize,
@@ -60,6 +63,8 @@ enum Section {
     Pool,
     /// Time to interactive of a burst, with a pool sized for it.
     Burst,
+    /// Creates one at a time, 100 ms and 1 s apart, without and with the pool.
+    Paced,
 }
 
 const DOMAIN: &str = "localhost";
@@ -224,6 +229,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             Section::Idle => idle(&args).await?,
             Section::Pool => pool(&args).await?,
             Section::Burst => pool_burst(&args).await?,
+            Section::Paced => paced(&args).await?,
         }
     }
     Ok(())
@@ -396,6 +402,66 @@ async fn pool(args: &BenchArgs) -> anyhow::Result<()> {
         &Samples::new(tti),
     );
     server.stop().await
+}
+
+/// Creates as users make them: one at a time, an interval apart, without a pool (the previous
+/// sandbox deleted right after its create, so its teardown overlaps the next create, or all of
+/// them kept to the end) and from the pool. Compare with the back-to-back rows of `no-pool`
+/// and `pool` and with the baseline.
+async fn paced(args: &BenchArgs) -> anyhow::Result<()> {
+    const POOL: usize = 2;
+    let env = args.env.as_str();
+    for interval in [Duration::from_millis(100), Duration::from_secs(1)] {
+        let apart = format!("{} ms apart", interval.as_millis());
+        let server = ChildServer::start("bench", 0, env, &args.server_flags()).await?;
+        let client = &server.client;
+        for delete_each in [true, false] {
+            let (mut create, mut kept) = (Vec::new(), Vec::new());
+            for _ in 0..args.paced_rounds {
+                tokio::time::sleep(interval).await;
+                let t = Instant::now();
+                let s = client.create_session(env).await?;
+                create.push(t.elapsed());
+                if delete_each {
+                    client.delete_session(&s.session_id).await?;
+                } else {
+                    kept.push(s);
+                }
+            }
+            let how = if delete_each {
+                "each deleted after"
+            } else {
+                "all kept"
+            };
+            row(
+                &format!("create, no pool, {apart}, {how}"),
+                &Samples::new(create),
+            );
+            for s in kept {
+                client.delete_session(&s.session_id).await?;
+            }
+            settle().await?;
+        }
+        server.stop().await?;
+
+        let server = ChildServer::start("bench", POOL, env, &args.server_flags()).await?;
+        server.wait_pool(env, POOL).await?;
+        let mut create = Vec::new();
+        for _ in 0..args.paced_rounds {
+            tokio::time::sleep(interval).await;
+            let t = Instant::now();
+            let s = server.client.create_session(env).await?;
+            create.push(t.elapsed());
+            server.client.delete_session(&s.session_id).await?;
+        }
+        row(
+            &format!("create, from the pool, {apart}"),
+            &Samples::new(create),
+        );
+        server.stop().await?;
+        settle().await?;
+    }
+    Ok(())
 }
 
 /// A pool sized for the burst: every one of the concurrent sessions finds a ready sandbox.
