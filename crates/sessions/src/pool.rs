@@ -1,8 +1,10 @@
 //! The warm pool: sandboxes started ahead of demand, per available environment, so that
 //! `POST /sessions` only has to hand one out. One background task refills it, one sandbox at a
-//! time, so the pool never competes with requests for more than one start at once, and only
-//! once creates pause: a burst of creates (each taking a sandbox, its client then connecting and
-//! starting a first command) gets the CPU, and the pool refills behind it. A sandbox
+//! time, so the pool never competes with requests for more than one start at once, and, while
+//! it still has sandboxes, only once creates pause: a burst of creates (each taking a sandbox,
+//! its client then connecting and starting a first command) gets the CPU, and the pool refills
+//! behind it. An empty pool refills at once, so that creates an interval apart (an agent's,
+//! say) find a sandbox ready again by the next one. A sandbox
 //! is only handed out for the environment version it was started from: after a new image
 //! version becomes current, the filler replaces the pooled sandboxes of the old one.
 
@@ -31,6 +33,8 @@ pub(crate) struct Pool {
     size: usize,
     ready: Mutex<HashMap<String, Vec<Ready>>>,
     wake: Notify,
+    /// Told of every sandbox taken, for a filler waiting for a pause (see `until_quiet`).
+    taken: Notify,
     /// When a sandbox was last handed out.
     last_take: Mutex<Option<Instant>>,
     draining: AtomicBool,
@@ -44,6 +48,7 @@ impl Pool {
             size,
             ready: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            taken: Notify::new(),
             last_take: Mutex::new(None),
             draining: AtomicBool::new(false),
             filler: Mutex::new(None),
@@ -65,6 +70,7 @@ impl Pool {
         *self.last_take.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         loop {
             let (sandbox, made_from) = self.ready().get_mut(&environment.name)?.pop()?;
+            self.taken.notify_one();
             if !Arc::ptr_eq(&made_from, environment) {
                 tracing::info!(sandbox = %sandbox.id, "pooled sandbox is of an older environment version; discarding it");
             } else if match backend.running(&sandbox.id) {
@@ -79,10 +85,14 @@ impl Pool {
         }
     }
 
-    /// Waits until creates pause (see [`QUIET`]), at most [`MAX_DEFER`].
-    async fn until_quiet(&self) {
+    /// Waits until creates pause (see [`QUIET`]), at most [`MAX_DEFER`], or until the pool of
+    /// `environment` is empty.
+    async fn until_quiet(&self, environment: &str) {
         let waiting = Instant::now();
         loop {
+            if self.count(environment) == 0 {
+                return;
+            }
             let last = *self.last_take.lock().unwrap_or_else(|e| e.into_inner());
             let Some(since) = last.map(|at| at.elapsed()) else {
                 return;
@@ -90,7 +100,11 @@ impl Pool {
             if since >= QUIET || waiting.elapsed() >= MAX_DEFER {
                 return;
             }
-            tokio::time::sleep(QUIET - since).await;
+            // Woken early by a take, to see whether it emptied the pool.
+            tokio::select! {
+                _ = tokio::time::sleep(QUIET - since) => {}
+                _ = self.taken.notified() => {}
+            }
         }
     }
 
@@ -167,7 +181,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                     if inner.pool.draining.load(Ordering::SeqCst) {
                         return;
                     }
-                    inner.pool.until_quiet().await;
+                    inner.pool.until_quiet(&env.name).await;
                     if let Err(e) = inner.config.check_memory() {
                         tracing::warn!("not refilling the pool: {e}");
                         break;
