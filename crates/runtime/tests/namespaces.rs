@@ -54,8 +54,10 @@ impl Fixture {
     }
 
     fn spec(&self) -> SandboxSpec {
+        let environment = self.catalog.get("Bash").unwrap();
         SandboxSpec {
-            environment: self.catalog.get("Bash").unwrap(),
+            egress: environment.egress.clone(),
+            environment,
             limits: Limits::default(),
             ready_shell: false,
         }
