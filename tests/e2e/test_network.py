@@ -418,3 +418,15 @@ def test_a_deny_list_alone_blocks_by_ip_and_by_name(new_server, inet, other_host
             "timeout=10", "timeout=3"))
         assert code != 0, out
     assert srv.delete(doc["sessionID"], key).status == 204
+
+
+def test_env_build_refuses_a_file_whose_network_policy_would_be_ignored(tmp_path):
+    # `--file` builds an image; the network policy comes from the definition compiled in.
+    from burrow_harness import burrow_bin
+    definition = tmp_path / "Bash.toml"
+    definition.write_text('suite = "bookworm"\npackages = ["procps"]\nnetwork = "none"\n')
+    p = subprocess.run([str(burrow_bin()), "env", "build", "Bash", "--file", str(definition),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "sandboxes follow the network policy compiled into burrow" in p.stderr, p.stderr
+    assert not (tmp_path / "data" / "environments" / "images").exists()
