@@ -336,6 +336,9 @@ pub fn restore(run_root: &Path, subnet: Subnet) -> Result<(), Error> {
     let mut script = String::new();
     for entry in entries {
         let entry = entry.ctx("list", run_root)?;
+        if !entry.file_type().ctx("stat", &entry.path())?.is_dir() {
+            continue;
+        }
         if let Some(applied) = recorded(&entry.path())? {
             script += &elements("add", subnet, &applied);
         }
@@ -468,6 +471,18 @@ mod tests {
             (server_only.allow, server_only.deny),
             (cidrs(&["192.0.2.0/24"]), cidrs(&["192.0.2.1/32"]))
         );
+    }
+
+    #[test]
+    fn restore_skips_what_is_not_a_sandbox_with_a_policy() {
+        let run_root =
+            std::env::temp_dir().join(format!("burrow-restore-test-{}", std::process::id()));
+        std::fs::create_dir_all(run_root.join("abcdefabcdef")).unwrap();
+        std::fs::write(run_root.join("a-file"), "").unwrap();
+        let restored = restore(&run_root, "10.201.0.0/16".parse().unwrap());
+        std::fs::remove_dir_all(&run_root).unwrap();
+        restored.unwrap();
+        assert!(restore(&run_root, "10.201.0.0/16".parse().unwrap()).is_ok());
     }
 
     #[test]
