@@ -97,6 +97,18 @@ fn definitions(request: &Request) -> anyhow::Result<Vec<(Definition, String)>> {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let definition = Definition::parse(name, &file.display().to_string(), &text)?;
+            // Sandboxes follow the compiled-in definition's network policy, not an image's: a
+            // file that says otherwise would be silently ignored.
+            let (builtin, _) = builtin(name)?;
+            if definition.egress != builtin.egress {
+                anyhow::bail!(
+                    "{}: `network`, `egress_allow` and `egress_deny` differ from \
+                     environments/{name}.toml; --file builds only the image, and sandboxes follow \
+                     the network policy compiled into burrow: drop those keys from the file (or \
+                     copy them from environments/{name}.toml)",
+                    file.display()
+                );
+            }
             Ok(vec![(definition, text)])
         }
         (None, false, _) => anyhow::bail!("name an environment to build, or give --all"),

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: the REST API and the sandboxes' hostnames on one listener.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create, list and revoke API keys (works while the server runs).
     #[command(subcommand)]
     Keys(cli::KeysCommand),
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         // Must stay first and runtime-free: it runs single-threaded inside a new sandbox.
         Command::SandboxInit => sandbox_cmd::init(),
         Command::SandboxRun(args) => sandbox_cmd::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Keys(cmd) => cli::keys(cmd),
         Command::Env(cmd) => cli::env(cmd),
         Command::Session(cmd) => cli::session(cmd),

@@ -99,6 +99,7 @@ async fn run_in_sandbox(args: RunArgs) -> anyhow::Result<i32> {
             disk_bytes: args.disk.unwrap_or(defaults.disk_bytes),
         },
         ready_shell: false,
+        egress: environment.egress.clone(),
     };
     // A node id of its own, so a server sharing the data dir never adopts or sweeps it.
     let node_id = format!("run{}", std::process::id());

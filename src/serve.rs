@@ -140,6 +140,15 @@ pub struct ServeArgs {
     /// /etc/resolv.conf); comma-separated IP or IP:PORT.
     #[arg(long, value_delimiter = ',', value_name = "IP[:PORT],...", value_parser = parse_upstream)]
     dns_upstream: Vec<SocketAddr>,
+    /// When given, sandboxes reach only these networks (IPv4 CIDRs or addresses,
+    /// comma-separated); an environment's `egress_allow` can narrow it, not widen it. Nothing of
+    /// the host or private networks is reachable either way.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    egress_allow: Vec<burrow_environments::Cidr>,
+    /// Networks no sandbox reaches, whatever an allow list says (IPv4 CIDRs or addresses,
+    /// comma-separated); environments' `egress_deny` add to it.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    egress_deny: Vec<burrow_environments::Cidr>,
 }
 
 /// `IP` (port 53) or `IP:PORT`.
@@ -369,6 +378,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Network::Internet => Some(burrow_runtime::NetworkConfig {
             subnet: args.sandbox_subnet,
             dns_upstream: args.dns_upstream.clone(),
+            egress_allow: args.egress_allow.clone(),
+            egress_deny: args.egress_deny.clone(),
         }),
     };
     let catalog = Arc::new(Catalog::load(&data_dir, runtime_config.uid_base)?);

@@ -333,3 +333,110 @@ def test_adopted_sandboxes_keep_their_network_after_kill9(new_server, inet):
         assert code == 0 and out.startswith("29 "), out
     assert srv.delete(doc["sessionID"], key).status == 204
     assert link_of(str(ipaddress.ip_address(address) - 1)) is None
+
+
+# A second test host behind the same link, outside the allow lists below.
+OTHER_ADDR = "203.0.113.3"
+
+
+@pytest.fixture(scope="module")
+def other_host(inet):
+    ns = ("ip", "netns", "exec", NETNS)
+    sh(*ns, "ip", "addr", "add", f"{OTHER_ADDR}/32", "dev", "lo")
+    try:
+        assert routed_to_test_host(OTHER_ADDR)
+        wait_until(lambda: sh("curl", "-sf", "-o", "/dev/null", "-m", "5",
+                              f"http://{OTHER_ADDR}:{HTTP_PORT}/hello", check=False).returncode == 0,
+                   10, what="the test HTTP server on the second address")
+        yield OTHER_ADDR
+    finally:
+        sh(*ns, "ip", "addr", "del", f"{OTHER_ADDR}/32", "dev", "lo", check=False)
+
+
+def policy_elements(srv) -> str:
+    """The elements of the egress sets of `srv`'s table."""
+    subnet = (srv.data_dir / "network" / "subnet").read_text().strip()
+    table = "burrow_" + subnet.replace(".", "_").replace("/", "_")
+    return "".join(sh("nft", "list", "set", "inet", table, s).stdout
+                   for s in ("egress_restricted", "egress_allow", "egress_deny"))
+
+
+def reaches(envd, address: str) -> bool:
+    """Whether a TCP connect from the sandbox to `address` succeeds within 5 s (a loaded
+    2-core host can take seconds to answer a fresh sandbox's first packets)."""
+    assert routed_to_test_host(address), address
+    out, code = py(envd, connect_code(address, HTTP_PORT, timeout=5.0))
+    return code == 0 and out.strip() == "open"
+
+
+def test_an_allow_list_limits_egress_within_the_fence(new_server, inet, other_host):
+    fenced = FENCED["rfc1918-10"]
+    srv = new_server(ttl="120s", pool_size=0, extra_args=[
+        "--dns-upstream", INET_ADDR, "--egress-allow", f"{INET_ADDR}/32,{fenced}/32"])
+    key = srv.admin_key
+    doc = srv.create_session(key, env="Python3")
+    with srv.envd(doc) as envd:
+        address = sandbox_address(envd)
+        assert reaches(envd, INET_ADDR)
+        out, code = py(envd, fetch_code(f"http://{TEST_NAME}:{HTTP_PORT}/hello"))
+        assert code == 0 and out.startswith("29 "), out
+        assert not reaches(envd, other_host)
+        # Allowing a fenced address does not open it.
+        assert not reaches(envd, fenced)
+    assert f"{address} . {INET_ADDR}" in policy_elements(srv)
+    assert srv.delete(doc["sessionID"], key).status == 204
+    assert address not in policy_elements(srv)
+
+
+def test_a_deny_list_wins_over_the_allow_list_and_survives_kill9(new_server, inet, other_host):
+    srv = new_server(ttl="120s", pool_size=0, extra_args=[
+        "--dns-upstream", INET_ADDR, "--egress-allow", "203.0.113.0/24",
+        "--egress-deny", f"{INET_ADDR}/32"])
+    key = srv.admin_key
+    doc = srv.create_session(key, env="Python3")
+    with srv.envd(doc) as envd:
+        address = sandbox_address(envd)
+        assert reaches(envd, other_host)
+        assert not reaches(envd, INET_ADDR)
+    # A restart replaces the table; the adopted sandbox gets its policy back.
+    srv.restart(graceful=False)
+    with srv.envd(doc) as envd:
+        assert reaches(envd, other_host)
+        assert not reaches(envd, INET_ADDR)
+    assert address in policy_elements(srv)
+    assert srv.delete(doc["sessionID"], key).status == 204
+    assert address not in policy_elements(srv)
+
+
+def test_a_deny_list_alone_blocks_by_ip_and_by_name(new_server, inet, other_host):
+    srv = new_server(ttl="120s", pool_size=0, extra_args=[
+        "--dns-upstream", INET_ADDR, "--egress-deny", "203.0.113.0/24"])
+    key = srv.admin_key
+    doc = srv.create_session(key, env="Python3")
+    with srv.envd(doc) as envd:
+        assert not reaches(envd, INET_ADDR)
+        assert not reaches(envd, other_host)
+        # The name still resolves (the resolver runs on the host); the connection is dropped.
+        resolve = f"import socket; print(socket.gethostbyname({TEST_NAME!r}))"
+
+        def resolved() -> bool:
+            out, code = py(envd, resolve)
+            return code == 0 and out.strip() == INET_ADDR
+
+        wait_until(resolved, 20, what=f"{TEST_NAME} to resolve")
+        out, code = py(envd, fetch_code(f"http://{TEST_NAME}:{HTTP_PORT}/hello").replace(
+            "timeout=10", "timeout=3"))
+        assert code != 0, out
+    assert srv.delete(doc["sessionID"], key).status == 204
+
+
+def test_env_build_refuses_a_file_whose_network_policy_would_be_ignored(tmp_path):
+    # `--file` builds an image; the network policy comes from the definition compiled in.
+    from burrow_harness import burrow_bin
+    definition = tmp_path / "Bash.toml"
+    definition.write_text('suite = "bookworm"\npackages = ["procps"]\nnetwork = "none"\n')
+    p = subprocess.run([str(burrow_bin()), "env", "build", "Bash", "--file", str(definition),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "sandboxes follow the network policy compiled into burrow" in p.stderr, p.stderr
+    assert not (tmp_path / "data" / "environments" / "images").exists()

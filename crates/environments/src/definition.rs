@@ -16,7 +16,14 @@
 //! gid = 1000
 //! home = "/home/user"
 //! shell = "/bin/bash"
+//!
+//! network = "internet"                  # or "none": only `lo` (default: the server's --network)
+//! egress_allow = ["203.0.113.0/24"]     # when given, only these are reachable
+//! egress_deny = ["203.0.113.9/32"]      # never reachable; deny wins over allow
 //! ```
+//!
+//! The network keys are a policy for the environment's sandboxes, not part of its image (see
+//! [`crate::egress`]).
 //!
 //! or, for an environment that cannot be built, only `unavailable = "why"`.
 
@@ -26,6 +33,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::egress::{Cidr, Egress, Network};
 use crate::{Error, ID_RANGE, User};
 
 /// Bump when the way an image is built from a definition changes, so that every image is
@@ -41,6 +49,9 @@ pub struct Definition {
     pub name: String,
     /// `Err(why)` when the environment cannot be built at all (no Debian package for it).
     pub recipe: Result<Recipe, String>,
+    /// What its sandboxes may reach; kept out of the recipe, so that changing it rebuilds no
+    /// image.
+    pub egress: Egress,
 }
 
 /// How to build an environment's image, normalized: everything defaulted, packages sorted.
@@ -90,6 +101,9 @@ struct RawDefinition {
     workdir: Option<PathBuf>,
     env: Option<BTreeMap<String, String>>,
     user: Option<RawUser>,
+    network: Option<Network>,
+    egress_allow: Option<Vec<Cidr>>,
+    egress_deny: Option<Vec<Cidr>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,7 +130,12 @@ impl Definition {
                  starting with a letter"
             )));
         }
-        let raw: RawDefinition = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut raw: RawDefinition = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let egress = Egress {
+            network: raw.network,
+            allow: raw.egress_allow.take().unwrap_or_default(),
+            deny: raw.egress_deny.take().unwrap_or_default(),
+        };
         if let Some(reason) = raw.unavailable {
             let others = [
                 ("suite", raw.suite.is_some()),
@@ -138,12 +157,14 @@ impl Definition {
             return Ok(Definition {
                 name: name.to_owned(),
                 recipe: Err(reason.trim().to_owned()),
+                egress,
             });
         }
         let recipe = validate(raw).map_err(invalid)?;
         Ok(Definition {
             name: name.to_owned(),
             recipe: Ok(recipe),
+            egress,
         })
     }
 }
@@ -365,6 +386,40 @@ mod tests {
         assert_eq!((recipe.user.uid, recipe.user.gid), (2000, 2000));
         assert_eq!(recipe.user.home, Path::new("/srv/dev"));
         assert_eq!(recipe.user.shell, Path::new("/bin/sh"));
+    }
+
+    #[test]
+    fn the_network_policy_is_read_and_stays_out_of_the_image() {
+        let plain = parse("suite = \"bookworm\"").unwrap();
+        assert_eq!(plain.egress, Egress::default());
+        let text = r#"
+            suite = "bookworm"
+            network = "internet"
+            egress_allow = ["203.0.113.0/24", "198.51.100.7"]
+            egress_deny = ["203.0.113.9/32"]
+            "#;
+        let fenced = parse(text).unwrap();
+        assert_eq!(fenced.egress.network, Some(Network::Internet));
+        let cidrs = |list: &[Cidr]| list.iter().map(Cidr::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            cidrs(&fenced.egress.allow),
+            ["203.0.113.0/24", "198.51.100.7/32"]
+        );
+        assert_eq!(cidrs(&fenced.egress.deny), ["203.0.113.9/32"]);
+        assert_eq!(
+            fenced.recipe.unwrap().version(100_000),
+            plain.recipe.unwrap().version(100_000)
+        );
+        let none = parse("suite = \"bookworm\"\nnetwork = \"none\"").unwrap();
+        assert_eq!(none.egress.network, Some(Network::None));
+        assert!(error("suite = \"bookworm\"\nnetwork = \"lan\"").contains("none"));
+        assert!(
+            error("suite = \"bookworm\"\negress_deny = [\"10.0.0.1/8\"]").contains("10.0.0.0/8")
+        );
+        assert!(
+            error("suite = \"bookworm\"\negress_allow = [\"pypi.org\"]")
+                .contains("not supported yet")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod build;
 pub mod definition;
+pub mod egress;
 mod host;
 pub mod images;
 pub mod snapshots;
@@ -26,6 +27,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub use definition::Definition;
+pub use egress::{Cidr, Egress};
 pub use images::{Image, Images};
 pub use snapshots::{Snapshot, Snapshots};
 
@@ -77,6 +79,8 @@ pub struct Environment {
     /// For a custom environment with saved edits: the version `rootfs` belongs to (which then
     /// is a whole root of its own, no longer the image's).
     pub snapshot: Option<Snapshot>,
+    /// What its sandboxes may reach, from its definition (whichever root it runs from).
+    pub egress: Egress,
 }
 
 impl Environment {
@@ -291,6 +295,7 @@ impl Catalog {
                     availability: availability(builtin, PROGRAM_DIRS),
                     image: None,
                     snapshot: None,
+                    egress: builtin_egress(builtin),
                 })
             })
             .collect();
@@ -419,8 +424,27 @@ fn current_image(images: &Images, name: &str, uid_base: u32) -> Option<Image> {
     }
 }
 
+/// The network policy of a built-in's compiled-in definition (which the tests check parses);
+/// one that does not parse gets no network rather than more than it says.
+fn builtin_egress(builtin: &Builtin) -> Egress {
+    match Definition::parse(builtin.name, builtin.name, builtin.definition) {
+        Ok(definition) => definition.egress,
+        Err(e) => {
+            tracing::error!(
+                environment = builtin.name,
+                "{e}; its sandboxes get no network"
+            );
+            Egress {
+                network: Some(egress::Network::None),
+                ..Egress::default()
+            }
+        }
+    }
+}
+
 /// An environment served from its built image: the image's own `/usr` and `/etc` (no binds), its
-/// definition's user, variables and working directory.
+/// definition's user, variables and working directory; the network policy of the compiled-in
+/// definition, like the host-based default's.
 fn from_image(name: &str, image: Image) -> Environment {
     let recipe = &image.recipe;
     let mut env: Vec<(String, String)> = default_env()
@@ -442,6 +466,11 @@ fn from_image(name: &str, image: Image) -> Environment {
         availability: Ok(()),
         image: Some(image),
         snapshot: None,
+        egress: BUILTINS
+            .iter()
+            .find(|builtin| builtin.name == name)
+            .map(builtin_egress)
+            .unwrap_or_default(),
     }
 }
 

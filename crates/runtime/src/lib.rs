@@ -105,6 +105,9 @@ pub struct SandboxSpec {
     /// will wait (in the warm pool) before its client arrives: that client's first command then
     /// skips the shell's start. A sandbox whose client is already waiting gains nothing by it.
     pub ready_shell: bool,
+    /// The environment's network policy (normally `environment.egress`), bounded by the
+    /// server's (see [`NetworkConfig`]).
+    pub egress: burrow_environments::Egress,
 }
 
 /// A way of running sandboxes. [`Namespaces`] is the one there is.
@@ -174,6 +177,10 @@ pub struct NetworkConfig {
     pub subnet: Option<Subnet>,
     /// Where their DNS queries go; empty for the host's name servers (`/etc/resolv.conf`).
     pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// When not empty, sandboxes reach only these (and what an environment allows within them).
+    pub egress_allow: Vec<burrow_environments::Cidr>,
+    /// Sandboxes never reach these, whatever an allow list says.
+    pub egress_deny: Vec<burrow_environments::Cidr>,
 }
 
 impl RuntimeConfig {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::cgroup::{self, Cgroups};
 use crate::error::{Error, IoContext};
+use crate::firewall::{self, Policy};
 use crate::idmap;
 use crate::ids::{IdSlot, IdSlots};
 use crate::init::{Dirs, Exec, InitConfig, LAYER_FD, SOCKET_NAME};
@@ -145,7 +146,13 @@ impl Namespaces {
         idmap::check_support(&data_dir.join("idmap-probe"), config.uid_base, probe.base())?;
         drop(probe);
         let subnet = match &config.network {
-            Some(network) => Some(net::setup(&data_dir, network)?),
+            Some(network) => {
+                let subnet = net::setup(&data_dir, network)?;
+                // The table was just replaced: the sandboxes this server adopts get their
+                // policies back before anything else runs.
+                firewall::restore(&run_root, subnet)?;
+                Some(subnet)
+            }
             None => None,
         };
         config.data_dir = data_dir;
@@ -284,6 +291,10 @@ impl Inner {
             });
         }
         spec.limits.validate()?;
+        // `None`: this sandbox gets no network (only `lo`).
+        let policy = self
+            .subnet
+            .and_then(|_| Policy::resolve(self.config.network.as_ref(), &spec.egress));
         let envd = command.is_none();
         let (exec, stdio) = match command {
             None => (None, None),
@@ -303,7 +314,7 @@ impl Inner {
             workdir: environment.workdir.clone(),
             ready_shell: spec.ready_shell,
             exec,
-            resolv_conf: self.subnet.is_some(),
+            resolv_conf: policy.is_some(),
         };
         // Taken before the clone: the sandbox holds it from its start to its end.
         let pin = environment.pin()?;
@@ -314,7 +325,14 @@ impl Inner {
         let rootfs = environment.rootfs.clone();
         let limits = spec.limits;
         let (id, child, control, (slot, uid_base)) = tokio::task::spawn_blocking(move || {
-            inner.start_blocking(&rootfs, pin.as_ref(), &limits, &config, stdio)
+            inner.start_blocking(
+                &rootfs,
+                pin.as_ref(),
+                &limits,
+                policy.as_ref(),
+                &config,
+                stdio,
+            )
         })
         .await
         .expect("the sandbox start does not panic")?;
@@ -360,18 +378,21 @@ impl Inner {
         rootfs: &Path,
         pin: Option<&OwnedFd>,
         limits: &Limits,
+        policy: Option<&Policy>,
         config: &[u8],
         stdio: Option<(OwnedFd, OwnedFd)>,
     ) -> Result<(String, Child, UnixStream, (u32, u32)), Error> {
         let (id, run_dir, slot) = self.new_run_dir()?;
-        let pair = self
-            .subnet
-            .map(|subnet| subnet.pair(slot.index))
+        let network = self.subnet.zip(policy);
+        let pair = network
+            .map(|(subnet, _)| subnet.pair(slot.index))
             .transpose();
         let result = pair
             .and_then(|pair| {
-                if let Some(pair) = pair {
+                if let (Some(pair), Some((subnet, policy))) = (pair, network) {
                     net::write_resolv_conf(&run_dir, pair)?;
+                    // In place before the sandbox has a link to send on.
+                    firewall::apply(&run_dir, subnet, pair.sandbox, policy)?;
                 }
                 Ok(pair)
             })
@@ -387,8 +408,13 @@ impl Inner {
                 // The layer's loop device went with its last descriptor, above.
                 let _ = self.layers.remove(&id);
                 let _ = self.cgroups.remove(&id);
-                let _ = fs::remove_dir_all(&run_dir);
                 let _ = net::detach(&id);
+                if let Some(subnet) = self.subnet
+                    && let Err(e) = firewall::remove(&run_dir, subnet)
+                {
+                    tracing::warn!(%id, "cleaning up a failed start: {e}");
+                }
+                let _ = fs::remove_dir_all(&run_dir);
                 Err(e)
             }
         }
@@ -672,6 +698,10 @@ impl Inner {
         // Gone with the sandbox's network namespace too, but only once the kernel gets to it.
         net::detach(id)?;
         let run_dir = self.run_dir(id);
+        // Its record goes with the run directory, so the elements go first.
+        if let Some(subnet) = self.subnet {
+            firewall::remove(&run_dir, subnet)?;
+        }
         match fs::remove_dir_all(&run_dir) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e).ctx("remove", &run_dir),
             _ => {

@@ -54,8 +54,10 @@ impl Fixture {
     }
 
     fn spec(&self) -> SandboxSpec {
+        let environment = self.catalog.get("Bash").unwrap();
         SandboxSpec {
-            environment: self.catalog.get("Bash").unwrap(),
+            egress: environment.egress.clone(),
+            environment,
             limits: Limits::default(),
             ready_shell: false,
         }
@@ -223,4 +225,54 @@ async fn envd_stdio_leaves_the_host_disk() {
         assert_eq!(target, PathBuf::from("/dev/null"), "fd {fd}");
     }
     f.backend.destroy(&sandbox.id).await.unwrap();
+}
+
+/// The network interfaces of a sandbox, from its PID 1's view.
+fn interfaces(node: &str, id: &str) -> Vec<String> {
+    let pid = sandbox_pids(node, id)[0];
+    let mut names: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| Some(line.split_once(':')?.0.trim().to_owned()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// An environment with `network = "none"` gets only `lo` on a server that gives sandboxes the
+/// internet; the others get their `eth0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_without_network_gets_only_lo() {
+    let Some(mut f) = Fixture::new("nonet") else {
+        return;
+    };
+    f.config.network = Some(burrow_runtime::NetworkConfig {
+        // Never asked: these sandboxes resolve nothing.
+        dns_upstream: vec!["127.0.0.1:53".parse().unwrap()],
+        ..Default::default()
+    });
+    let backend = Namespaces::new(f.config.clone()).unwrap();
+    let subnet = std::fs::read_to_string(f.config.data_dir.join("network/subnet")).unwrap();
+    let _table = DropTable(format!("burrow_{}", subnet.trim()).replace(['.', '/'], "_"));
+
+    let mut offline = f.spec();
+    offline.egress.network = Some(burrow_environments::egress::Network::None);
+    let without = backend.create(&offline).await.unwrap();
+    let with = backend.create(&f.spec()).await.unwrap();
+    let node = &f.config.node_id;
+    assert_eq!(interfaces(node, &without.id), ["lo"]);
+    assert_eq!(interfaces(node, &with.id), ["eth0", "lo"]);
+    backend.destroy(&without.id).await.unwrap();
+    backend.destroy(&with.id).await.unwrap();
+}
+
+/// Deletes a test server's nftables table, whatever the test's outcome.
+struct DropTable(String);
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .status();
+    }
 }

@@ -866,6 +866,7 @@ impl Sessions {
                     limits,
                     environment: env.clone(),
                     ready_shell: false,
+                    egress: env.egress.clone(),
                 };
                 self.inner
                     .backend

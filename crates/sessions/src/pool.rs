@@ -190,6 +190,7 @@ pub(crate) fn spawn_filler(sessions: Sessions) {
                         environment: env.clone(),
                         limits: inner.config.limits_for(&env.name),
                         ready_shell: true,
+                        egress: env.egress.clone(),
                     };
                     match inner.backend.create(&spec).await {
                         Ok(sandbox) if !inner.pool.draining.load(Ordering::SeqCst) => inner
