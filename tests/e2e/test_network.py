@@ -3,11 +3,10 @@ the host, private networks and other sandboxes, DNS through burrow's resolver, a
 `--network none`.
 
 The tests' "internet" is a host they create: a network namespace (`burrow-test-inet`) joined to
-this host by a veth, with two TEST-NET-3 addresses (203.0.113.0/30: only those, since the rest of
-TEST-NET-3 may be in use: this workplace's package mirror answers at 203.0.113.80, and a /24
-on the veth took every package download of the machine into the namespace while the tests
-ran), an HTTP server and a DNS server
-of its own. Addresses of the classes no sandbox may reach (RFC 1918, CGNAT, link-local) live in
+this host by a veth, with TEST-NET-3 addresses of 203.0.113.0/29 only (the rest of TEST-NET-3
+may be in use: this workplace's package mirror answers at 203.0.113.80, and a /24 on the veth
+took every package download of the machine into the namespace while the tests ran), an HTTP
+server and a DNS server of its own. Addresses of the classes no sandbox may reach (RFC 1918, CGNAT, link-local) live in
 that namespace too, routed there by the host. Before anything is sent, `ip route get` checks that
 the destination is this host or leads into the namespace; nothing goes anywhere else.
 """
@@ -113,10 +112,10 @@ def inet(tmp_path_factory):
     procs = []
     try:
         sh("ip", "link", "add", HOST_LINK, "type", "veth", "peer", "name", NS_LINK, "netns", NETNS)
-        sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", HOST_LINK)
+        sh("ip", "addr", "add", f"{HOST_ADDR}/29", "dev", HOST_LINK)
         sh("ip", "link", "set", HOST_LINK, "up")
         ns = ("ip", "netns", "exec", NETNS)
-        sh(*ns, "ip", "addr", "add", f"{INET_ADDR}/30", "dev", NS_LINK)
+        sh(*ns, "ip", "addr", "add", f"{INET_ADDR}/29", "dev", NS_LINK)
         sh(*ns, "ip", "link", "set", NS_LINK, "up")
         sh(*ns, "ip", "link", "set", "lo", "up")
         for address in FENCED.values():
