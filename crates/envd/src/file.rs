@@ -337,10 +337,12 @@ fn bad_multipart(error: &MultipartError) -> Response {
 }
 
 /// A write the sandbox user may not do is the client's to fix (403), as is a path no file can
-/// have (a NUL byte: 400); any other failure (a full disk) is envd's (500).
+/// have (a NUL byte, a name over 255 bytes: 400); any other failure to create or write (a full
+/// disk, a missing directory) is 500, as the original envd answered (wire spec §6).
 fn write_failed(config: &Config, path: &Path, error: &io::Error) -> Response {
     let status = match error.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) => StatusCode::FORBIDDEN,
+        Some(libc::ENAMETOOLONG) => StatusCode::BAD_REQUEST,
         _ if error.kind() == io::ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
