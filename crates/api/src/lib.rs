@@ -246,11 +246,7 @@ impl AppState {
 /// runtime worker it would stall every other connection that worker serves while SQLite waits
 /// (on its lock, on the disk).
 async fn authenticate(store: &Arc<Store>, key: String) -> Result<Option<Principal>, ApiError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.authenticate(&key))
-        .await
-        .map_err(|e| ApiError::internal("the API key could not be checked", e))?
-        .map_err(ApiError::from)
+    Ok(store.call(move |s| s.authenticate(&key)).await?)
 }
 
 /// A JSON body read with the API's size limit, every failure in the API's error shape.

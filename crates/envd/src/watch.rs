@@ -220,18 +220,47 @@ async fn publish(
     }
 }
 
-/// The event's operation: the first that applies in the SDK's order of precedence.
+/// What happened to a watched entry, as fsnotify (whose precedence both SDK generations follow)
+/// reads inotify's bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    Create,
+    Write,
+    Remove,
+    Rename,
+    Chmod,
+}
+
+impl Operation {
+    /// The first operation that applies, in the SDK's order of precedence.
+    pub(crate) fn of(mask: EventMask) -> Option<Operation> {
+        [
+            (EventMask::CREATE | EventMask::MOVED_TO, Operation::Create),
+            (EventMask::MODIFY, Operation::Write),
+            (EventMask::DELETE, Operation::Remove),
+            (EventMask::MOVED_FROM, Operation::Rename),
+            (EventMask::ATTRIB, Operation::Chmod),
+        ]
+        .into_iter()
+        .find(|(bits, _)| mask.intersects(*bits))
+        .map(|(_, operation)| operation)
+    }
+
+    /// Its name in the session-era protocol.
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Create => "Create",
+            Operation::Write => "Write",
+            Operation::Remove => "Remove",
+            Operation::Rename => "Rename",
+            Operation::Chmod => "Chmod",
+        }
+    }
+}
+
+/// The event's operation by its session-era name.
 fn operation(mask: EventMask) -> Option<&'static str> {
-    [
-        (EventMask::CREATE | EventMask::MOVED_TO, "Create"),
-        (EventMask::MODIFY, "Write"),
-        (EventMask::DELETE, "Remove"),
-        (EventMask::MOVED_FROM, "Rename"),
-        (EventMask::ATTRIB, "Chmod"),
-    ]
-    .into_iter()
-    .find(|(bits, _)| mask.intersects(*bits))
-    .map(|(_, operation)| operation)
+    Operation::of(mask).map(Operation::name)
 }
 
 #[cfg(test)]

@@ -937,7 +937,7 @@ impl Sessions {
             .collect();
         let live = self.live();
         let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all = Promised::default();
+        let mut all = pending.values().fold(Promised::default(), |a, p| a.plus(p));
         let mut team = pending.get(&principal.team_id).copied().unwrap_or_default();
         for l in live.values() {
             all.add(&l.limits);
@@ -945,9 +945,7 @@ impl Sessions {
                 team.add(&l.limits);
             }
         }
-        let in_flight = pending.values().fold(Promised::default(), |a, p| a.plus(p));
-        let sessions = all.sessions + in_flight.sessions;
-        if sessions >= config.max_sessions {
+        if all.sessions >= config.max_sessions {
             return Err(Error::TooMany {
                 scope: "this server",
                 limit: config.max_sessions,
@@ -961,9 +959,6 @@ impl Sessions {
                 flag: "max-sessions-per-team",
             });
         }
-        all.memory_bytes += in_flight.memory_bytes;
-        all.pids += in_flight.pids;
-        all.disk_bytes += in_flight.disk_bytes;
         for l in &pooled {
             all.add(l);
         }

@@ -17,6 +17,7 @@ use super::{failed, resolve};
 use crate::connect::error::Error;
 use crate::connect::json::{self, parse};
 use crate::connect::{Call, Sink};
+use crate::watch::Operation;
 use crate::{Config, State, lock, random_id, user_fs};
 
 /// What fsnotify (used by envd) watches for.
@@ -156,18 +157,15 @@ impl DirWatch {
     }
 }
 
-/// The event's type, as fsnotify maps inotify's bits.
+/// The event's type, by its `filesystem.proto` name.
 fn kind(mask: EventMask) -> Option<&'static str> {
-    [
-        (EventMask::CREATE | EventMask::MOVED_TO, "EVENT_TYPE_CREATE"),
-        (EventMask::MODIFY, "EVENT_TYPE_WRITE"),
-        (EventMask::DELETE, "EVENT_TYPE_REMOVE"),
-        (EventMask::MOVED_FROM, "EVENT_TYPE_RENAME"),
-        (EventMask::ATTRIB, "EVENT_TYPE_CHMOD"),
-    ]
-    .into_iter()
-    .find(|(bits, _)| mask.intersects(*bits))
-    .map(|(_, kind)| kind)
+    Some(match Operation::of(mask)? {
+        Operation::Create => "EVENT_TYPE_CREATE",
+        Operation::Write => "EVENT_TYPE_WRITE",
+        Operation::Remove => "EVENT_TYPE_REMOVE",
+        Operation::Rename => "EVENT_TYPE_RENAME",
+        Operation::Chmod => "EVENT_TYPE_CHMOD",
+    })
 }
 
 #[derive(Serialize)]
