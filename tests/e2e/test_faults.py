@@ -383,10 +383,12 @@ def _mem_available() -> int:
 
 def test_low_host_memory_refuses_creates_cleanly(new_server):
     """The host's available memory drops below what the server keeps free (a real 3 GiB taken by
-    another process, against a floor 1 GiB under what was available): creates get a JSON 503
+    another process, against a floor 2 GiB under what was available): creates get a JSON 503
     that says so, running sessions keep working, and creates work again
     once the memory is back."""
-    floor = _mem_available() - (1 << 30)
+    # 2 GiB under what is available: the 3 GiB hog goes 1 GiB below it, and what the rest of the
+    # machine takes meanwhile (up to 1 GiB was seen in CI runs) still leaves room after it.
+    floor = _mem_available() - (2 << 30)
     srv = new_server(pool_size=1, extra_args=["--min-available-memory", str(floor),
                                               "--pool-environments", "Bash"])
     key = srv.create_key("team-memory")
